@@ -1,0 +1,30 @@
+"""Inputs: the `Sample` contract, lazy image readers and one reader per input format."""
+
+from genedml.data.anndata_reader import read_anndata
+from genedml.data.hest import read_hest
+from genedml.data.image import ArrayImage, PillowImage, Region, RegionReader, open_image
+from genedml.data.legacy_st import read_legacy_st
+from genedml.data.read import detect_format, inspect_samples, read_samples
+from genedml.data.sample import Sample
+from genedml.data.samples_table import SampleInfo, read_samples_table
+from genedml.data.spaceranger import read_spaceranger
+from genedml.data.tiff import TiffImage
+
+__all__ = [
+    "ArrayImage",
+    "PillowImage",
+    "Region",
+    "RegionReader",
+    "Sample",
+    "SampleInfo",
+    "TiffImage",
+    "detect_format",
+    "inspect_samples",
+    "open_image",
+    "read_anndata",
+    "read_hest",
+    "read_legacy_st",
+    "read_samples",
+    "read_samples_table",
+    "read_spaceranger",
+]

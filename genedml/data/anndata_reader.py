@@ -1,0 +1,175 @@
+"""AnnData (.h5ad) + image: spot centres from ``obsm['spatial']``, counts from X (or ``layers['counts']``),
+pixel size from the Visium scale factors or given. Also the AnnData → Sample step the HEST reader reuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from genedml.data.image import RegionReader, open_image
+from genedml.data.sample import Sample
+from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
+from genedml.data.spots import check_unique
+from genedml.data.visium import fullres_mpp, image_scale
+from genedml.errors import InputError
+
+log = logging.getLogger("genedml")
+
+IMAGE_PATH_KEYS = ("source_image_path", "image_path", "fullres_image_path")
+
+
+def read_h5ad(path: str | Path):
+    """Open an .h5ad fully in memory, turning read failures into InputError."""
+    import anndata
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"AnnData file not found: {path}.")
+    try:
+        return anndata.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"Cannot read AnnData file {path}: {exc}.") from exc
+
+
+def read_anndata(
+    h5ad: str | Path,
+    image: str | Path | RegionReader | None = None,
+    mpp: float | None = None,
+    *,
+    sample_id: str | None = None,
+    library_id: str | None = None,
+    samples: Iterable[str] | str | None = None,
+    samples_table=None,
+) -> Sample:
+    """One sample from an .h5ad; `image` defaults to the full-res image named in ``uns['spatial']``.
+
+    When `image` is a Space Ranger hires/lowres image, full-res ``obsm['spatial']`` and the pixel size are
+    scaled by ``tissue_hires_scalef``/``tissue_lowres_scalef`` (logged and recorded in ``meta``).
+    """
+    h5ad = Path(h5ad)
+    sample_id = sample_id or h5ad.stem
+    select_ids([sample_id], samples, str(h5ad))
+    adata = read_h5ad(h5ad)
+    where = f"sample '{sample_id}' ({h5ad})"
+    library = _library(adata, library_id, where)
+    spatial = adata.uns.get("spatial", {}).get(library, {}) if library else {}
+    scalefactors = spatial.get("scalefactors")
+
+    reader, image_path = _open_image(image, spatial.get("metadata") or {}, h5ad, where)
+    known = {name: (arr.shape[1], arr.shape[0]) for name, arr in (spatial.get("images") or {}).items()}
+    scale, resolution = image_scale(image_path, (reader.width, reader.height), scalefactors, known, where)
+    mpp_file = fullres_mpp(scalefactors, where)
+    table = load_samples_table(samples_table)
+    resolved = resolve_mpp(
+        sample_id, where, given=mpp, table=table,
+        from_file=None if mpp_file is None else mpp_file / scale,
+        how="uns['spatial'][...]['scalefactors']['spot_diameter_fullres'] (55 µm Visium spots)",
+    )
+    return sample_from_anndata(
+        adata, sample_id=sample_id, image=reader, mpp=resolved, table=table, source="anndata",
+        where=where, scale=scale,
+        meta={"path": str(h5ad), "image": image_path, "library_id": library, "image_resolution": resolution},
+    )
+
+
+def sample_from_anndata(
+    adata: Any,
+    *,
+    sample_id: str,
+    image: RegionReader,
+    mpp: float,
+    table,
+    source: str,
+    where: str,
+    scale: float = 1.0,
+    patient_from_file: str | None = None,
+    meta: dict | None = None,
+) -> Sample:
+    """Build a Sample from an in-memory AnnData whose ``obsm['spatial']`` is in full-res pixels × `scale`."""
+    if "spatial" not in adata.obsm:
+        raise InputError(f"{where}: no obsm['spatial'] (spot centres, x = column, y = row) in the AnnData.")
+    centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * scale
+    barcodes = adata.obs_names.to_numpy().astype(str)
+    check_unique(barcodes, where, "obs_names")
+    counts, genes, counts_source = choose_counts(adata, where)
+    array_coords = None
+    if {"array_row", "array_col"} <= set(adata.obs.columns):
+        array_coords = adata.obs[["array_col", "array_row"]].to_numpy(np.int64)
+    patient, known = resolve_patient(sample_id, table, patient_from_file)
+    meta = dict(meta or {}, counts_source=counts_source, coordinate_scale=scale)
+    return Sample(
+        sample_id=sample_id, patient_id=patient, mpp=mpp, barcodes=barcodes, centers=centers, image=image,
+        counts=counts, genes=genes, array_coords=array_coords, source=source, patient_known=known, meta=meta,
+    )
+
+
+def choose_counts(adata: Any, where: str) -> tuple[sp.csr_matrix, np.ndarray, str]:
+    """Raw counts: X when it holds integers, else ``layers['counts']``, else ``raw.X``; else X with a warning."""
+    candidates = [("X", adata.X, adata.var_names)]
+    if "counts" in adata.layers:
+        candidates.append(("layers['counts']", adata.layers["counts"], adata.var_names))
+    if adata.raw is not None:
+        candidates.append(("raw.X", adata.raw.X, adata.raw.var_names))
+    for name, matrix, genes in candidates:
+        if matrix is not None and _integer_like(matrix):
+            return _csr(matrix), genes.to_numpy().astype(str), name
+    if adata.X is None:
+        raise InputError(f"{where}: the AnnData has no X and no layers['counts'].")
+    log.warning(
+        "%s: X holds non-integer values (normalised?) and there is no integer layers['counts'] or raw.X; "
+        "using X as is", where,
+    )
+    return _csr(adata.X), adata.var_names.to_numpy().astype(str), "X (non-integer)"
+
+
+def _csr(matrix: Any) -> sp.csr_matrix:
+    return sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else sp.csr_matrix(
+        np.asarray(matrix, dtype=np.float32)
+    )
+
+
+def _integer_like(matrix: Any, probe: int = 200_000) -> bool:
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+    values = np.asarray(values[:probe], dtype=np.float64)
+    return bool(np.isfinite(values).all() and (values == np.round(values)).all())
+
+
+def _library(adata: Any, library_id: str | None, where: str) -> str | None:
+    libraries = list(adata.uns.get("spatial", {}).keys())
+    if library_id is not None:
+        if library_id not in libraries:
+            raise InputError(f"{where}: library_id '{library_id}' not in uns['spatial'] (has {libraries}).")
+        return library_id
+    if len(libraries) > 1:
+        raise InputError(f"{where}: uns['spatial'] holds several libraries {libraries}; pass library_id=...")
+    return libraries[0] if libraries else None
+
+
+def _open_image(
+    image: str | Path | RegionReader | None, metadata: dict, h5ad: Path, where: str
+) -> tuple[RegionReader, str]:
+    if image is None:
+        named = [metadata[k] for k in IMAGE_PATH_KEYS if isinstance(metadata.get(k), str)]
+        for candidate in named:
+            path = Path(candidate) if Path(candidate).is_absolute() else h5ad.parent / candidate
+            if path.is_file():
+                image = path
+                break
+        else:
+            raise InputError(
+                f"{where}: no image given and uns['spatial'][...]['metadata'] names none that exists "
+                f"(looked at keys {list(IMAGE_PATH_KEYS)}: {named or 'absent'}). Pass image=PATH (--image)."
+            )
+    return as_reader(image)
+
+
+def as_reader(image: str | Path | RegionReader) -> tuple[RegionReader, str]:
+    """(reader, path) for an image given as a path or an already open reader."""
+    if isinstance(image, (str, Path)):
+        return open_image(image), str(image)
+    return image, image.path
