@@ -1,0 +1,371 @@
+"""The `genedml` command line: a thin skin over the library (parse flags, call a function, print).
+
+Any flag of `fit`, `cv`, `extract`, `predict` may also come from a TOML file given with `--config FILE`
+(keys are flag names, e.g. `lambda-group = 0.8`); flags on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+import genedml
+from genedml.errors import GenedmlError
+from genedml.progress import console, setup_logging
+
+app = typer.Typer(
+    name="genedml",
+    help="Predict spatial gene expression from H&E: extract frozen-backbone features once, train Gene-DML heads "
+    "on the cache, predict by regression or retrieval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect spatial-transcriptomics inputs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = typer.Option(None, "--config", help="TOML file with default values for any flag of this command.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"genedml {genedml.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    setup_logging(verbose)
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for key in rows[0] if rows else []:
+        table.add_column(str(key))
+    for row in rows:
+        table.add_row(*[("" if v is None else str(v)) for v in row.values()])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- data
+@data_app.command("inspect")
+def data_inspect(
+    path: Path = typer.Argument(..., help="A dataset folder or .h5ad file (any supported format)."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (overrides what the files say)."),
+    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    image: Optional[Path] = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs)."),
+) -> None:
+    """Print one row per sample found: id, spots, genes, mpp, patient, format."""
+    from genedml.data import inspect_samples
+
+    rows = inspect_samples(path, mpp=mpp, samples_table=samples_table, image=image)
+    for row in rows:
+        img = row.get("image") or {}
+        row["image"] = f"{Path(str(img.get('path', ''))).name} ({img.get('width')}x{img.get('height')})" if img else ""
+        row["mpp"] = f"{row['mpp']:.4f}" if isinstance(row.get("mpp"), float) else row.get("mpp")
+        row["patient"] = row.get("patient") or "(unknown)"
+    console.print(_table(rows, f"{path}"))
+
+
+# ----------------------------------------------------------------------------------------- backbones
+@app.command()
+def backbones() -> None:
+    """List the backbone registry: dimensions and whether weights are found."""
+    console.print(_backbone_table())
+
+
+def _backbone_table() -> Table:
+    from genedml.backbones.doctor import backbone_rows
+
+    keep = ("name", "arch", "dim", "pooling", "weights")
+    return _table([{k: row.get(k) for k in keep} for row in backbone_rows()], "backbones (weights: where found, or what to do)")
+
+
+@app.command()
+def doctor() -> None:
+    """Report torch/timm/faiss builds, devices, and weight availability for each backbone."""
+    from genedml.backbones.doctor import environment_report
+
+    for key, value in environment_report().items():
+        console.print(f"[bold]{key}[/bold]: {escape(str(value))}")
+    console.print(_backbone_table())
+
+
+# ------------------------------------------------------------------------------------------- extract
+@app.command()
+def extract(
+    data: Path = typer.Argument(..., help="Dataset folder or .h5ad (auto-detected format)."),
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Registered name or timm:<arch> (see `genedml backbones`)."),
+    cache: Path = typer.Option(..., "--cache", help="Feature cache directory (one per backbone and geometry)."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file or folder (else $GENEDML_WEIGHTS_DIR/<name>/ or a warm HF cache)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Random weights (tests, demo, speed runs; not biology)."),
+    samples: Optional[str] = typer.Option(None, help="Comma-separated sample ids (default: all)."),
+    scales: str = typer.Option("local,neighbor", help="local[,neighbor] (global is derived at fit time)."),
+    neighbor_mode: str = typer.Option("lattice", help="lattice (shared tiles, fast) or exact (25 tiles per spot)."),
+    local_tokens: str = typer.Option("cls", help="cls | 2x2 | 4x4 pooled patch-token grid kept besides the pooled vector."),
+    augment: Optional[str] = typer.Option(None, help="dihedral: also store the 8 flip/rotation views of the local patch."),
+    mpp_target: Optional[float] = typer.Option(None, help="Target µm/px of the patches (default: the slide's own)."),
+    patch_px: int = typer.Option(224, help="Patch side in pixels fed to the backbone."),
+    batch_size: int = typer.Option(64, help="Model batch size."),
+    workers: int = typer.Option(2, help="Patch-reading threads (0 = read in the main thread)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("float16", help="Storage dtype of the features."),
+    overwrite: bool = typer.Option(False, help="Recompute samples already complete in the cache."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel for all samples (overrides metadata)."),
+    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    image: Optional[Path] = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs)."),
+    allow_download: bool = typer.Option(False, help="Allow fetching weights from the Hugging Face hub."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Encode every spot of DATA with a frozen backbone into the feature cache (resumable)."""
+    from genedml.extract.distributed import run_extraction_distributed
+
+    settings = _extract_settings(patch_px, mpp_target, scales, neighbor_mode, local_tokens, augment, dtype, batch_size, workers, device)
+    summary = run_extraction_distributed(
+        data,
+        backbone=backbone,
+        weights=weights,
+        random_init=random_init,
+        allow_download=allow_download,
+        cache_dir=cache,
+        settings=settings,
+        samples=_csv(samples),
+        read_kwargs=dict(mpp=mpp, samples_table=samples_table, image=image),
+        overwrite=overwrite,
+    )
+    if summary is not None:
+        console.print(
+            f"extract: {summary['samples_extracted']} samples extracted, {summary['samples_skipped']} skipped (complete), "
+            f"{summary['spots']} spots in {summary['seconds']}s ({summary['spots_per_s']} spots/s), "
+            f"{summary['tiles_per_spot']} tiles encoded per spot → {cache}"
+        )
+        if summary.get("weights") == "random-init":
+            console.print("[yellow]weights: random-init — these features carry no pretrained knowledge (not a biology result).[/yellow]")
+
+
+def _extract_settings(patch_px, mpp_target, scales, neighbor_mode, local_tokens, augment, dtype, batch_size, workers, device):  # type: ignore[no-untyped-def]
+    from genedml.extract.runner import ExtractSettings
+
+    return ExtractSettings(
+        patch_px=patch_px,
+        mpp_target=mpp_target,
+        scales=tuple(_csv(scales) or ["local"]),
+        neighbor_mode=neighbor_mode,
+        local_tokens=local_tokens,
+        augment=augment,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+    )
+
+
+@app.command("export-h5")
+def export_h5_cmd(
+    cache: Path = typer.Argument(..., help="Feature cache directory."),
+    out_dir: Path = typer.Argument(..., help="Where to write <sample>.h5 files."),
+    samples: Optional[str] = typer.Option(None, help="Comma-separated sample ids (default: all complete)."),
+) -> None:
+    """Export pooled local features as TRIDENT/HEST-style .h5 files (features, coords, barcodes)."""
+    from genedml.cache import FeatureCache, export_h5
+
+    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples))
+    console.print(f"export-h5: wrote {len(paths)} files to {out_dir}")
+
+
+# ----------------------------------------------------------------------------------------------- fit
+@app.command()
+def fit(
+    cache: Path = typer.Option(..., "--cache", help="Feature cache made by `genedml extract`."),
+    data: Path = typer.Option(..., "--data", help="The dataset the cache was made from (for expression targets)."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    model: str = typer.Option("genedml", help="genedml | triplex | bleep | ridge | ridge-cv."),
+    train_samples: Optional[str] = typer.Option(None, help="Comma-separated training sample ids (default: all not in validation)."),
+    val_samples: Optional[str] = typer.Option(None, help="Comma-separated validation sample ids."),
+    val_fraction: float = typer.Option(0.2, help="Fraction of training samples held out for validation when --val-samples is not given."),
+    genes: int = typer.Option(250, help="Panel size."),
+    gene_select: str = typer.Option("mean", help="mean | variance."),
+    gene_list: Optional[Path] = typer.Option(None, help="A text file with one gene per line (overrides --genes)."),
+    normalize_over: str = typer.Option("panel", help="Library size over the panel (reference) or all genes."),
+    log: str = typer.Option("log1p", help="log1p | log10 (the reference code's log10(1+x))."),
+    smooth: bool = typer.Option(False, help="3x3 array-neighbourhood smoothing of the targets."),
+    scales: str = typer.Option("local,neighbor,global", help="Scales used by genedml/triplex."),
+    no_instance: bool = typer.Option(False, "--no-instance", help="Ablation: drop the instance pathway."),
+    no_group: bool = typer.Option(False, "--no-group", help="Ablation: drop the group pathway."),
+    groups: int = typer.Option(18, help="K of the per-batch k-means (group pathway) and of the prototypes."),
+    lambda_group: float = typer.Option(0.8, help="Weight λ of the group loss."),
+    tau: float = typer.Option(0.07, help="Instance-loss temperature."),
+    tau_group: float = typer.Option(0.07, help="Group-loss temperature."),
+    group_form: str = typer.Option("reference", help="reference (f, g vs centroids) | cld (projected u, v)."),
+    epochs: int = typer.Option(200, help="Maximum epochs."),
+    patience: int = typer.Option(20, help="Early-stopping patience on validation PCC."),
+    batch_size: int = typer.Option(512, help="Training batch size."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate."),
+    seed: int = typer.Option(2021, help="Random seed."),
+    expect_backbone: Optional[str] = typer.Option(None, help="Refuse a cache made with another backbone."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
+    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Train a head on cached features only (never opens an image) and write a model directory."""
+    from genedml.fit import FitSettings, fit_model
+
+    settings = FitSettings(
+        model=model, genes=genes, gene_select=gene_select, gene_list=gene_list, normalize_over=normalize_over, log=log,
+        smooth=smooth, train_samples=_csv(train_samples), val_samples=_csv(val_samples), val_fraction=val_fraction,
+        seed=seed, expect_backbone=expect_backbone,
+        head={
+            "scales": _csv(scales), "instance": not no_instance, "group": not no_group, "groups": groups,
+            "lambda_group": lambda_group, "tau": tau, "tau_group": tau_group, "group_form": group_form,
+            "epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr, "seed": seed,
+        },
+    )
+    result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True)
+    console.print(result.summary_line())
+
+
+# ------------------------------------------------------------------------------------------- predict
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `genedml fit`."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache holding the samples to predict."),
+    samples: Optional[str] = typer.Option(None, help="Comma-separated sample ids (default: all in the cache)."),
+    out: Path = typer.Option(..., "--out", help="Output directory for <sample>.h5ad (or PNG maps for --slide)."),
+    retrieve_k: Optional[int] = typer.Option(None, "--retrieve-k", help="Predict by FAISS retrieval of K reference spots."),
+    weighting: str = typer.Option("uniform", help="uniform | softmax | inverse-l1 (retrieval neighbour weights)."),
+    tau: float = typer.Option(0.07, help="Softmax temperature for --weighting softmax."),
+    blend: float = typer.Option(1.0, help="w·retrieval + (1−w)·regression (1 = retrieval only)."),
+    slide: Optional[Path] = typer.Option(None, help="An H&E slide without sequencing: detect tissue, tile virtual spots, predict."),
+    mpp: Optional[float] = typer.Option(None, help="µm per pixel of --slide."),
+    pitch_um: Optional[float] = typer.Option(None, help="Virtual-spot pitch for --slide (default: the training spot pitch)."),
+    genes: Optional[str] = typer.Option(None, help="Genes to map for --slide (default: the 6 most highly expressed)."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weights for --slide (must match the model's hash)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Predict expression for cached samples (or a new slide) by regression and/or retrieval."""
+    from genedml.predict import RetrievalSettings, predict_cache, predict_slide
+
+    retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k else None
+    if slide is not None:
+        paths = predict_slide(model_dir, slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval, weights=weights, device=device)
+    else:
+        if cache is None:
+            raise GenedmlError("predict needs --cache (cached samples) or --slide (a new image).")
+        paths = predict_cache(model_dir, cache, out, samples=_csv(samples), retrieval=retrieval)
+    for path in paths:
+        console.print(f"predict: wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+@app.command()
+def evaluate(
+    pred: Path = typer.Argument(..., help="A prediction .h5ad or a folder of them (from `genedml predict`)."),
+    data: Path = typer.Option(..., "--data", help="The dataset with measured expression."),
+    out: Path = typer.Option(..., "--out", help="Where to write metrics.json, per-gene CSV and figures."),
+    model_dir: Optional[Path] = typer.Option(None, "--model", help="Model dir (default: the one recorded in the predictions)."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
+    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+) -> None:
+    """Score predictions against measured expression: PCC (ACG/HEG/HVG/HPG), MSE, MAE; figures."""
+    from genedml.evaluate import evaluate_dir
+
+    metrics = evaluate_dir(pred, data, out, model_dir=model_dir, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
+    console.print(json.dumps(metrics["summary"], indent=2))
+    console.print(f"evaluate: wrote {out / 'metrics.json'}")
+
+
+# ------------------------------------------------------------------------------------------------ cv
+@app.command()
+def cv(
+    data: Path = typer.Argument(..., help="Dataset folder."),
+    cache: Path = typer.Option(..., "--cache", help="Feature cache of all samples."),
+    out: Path = typer.Option(..., "--out", help="Output directory (folds, predictions, summary)."),
+    by: str = typer.Option("patient", help="patient | sample (leave one group out)."),
+    model: list[str] = typer.Option(["genedml"], "--model", help="Repeat to compare heads on identical folds."),
+    samples: Optional[str] = typer.Option(None, help="Restrict to these sample ids."),
+    test_samples: Optional[str] = typer.Option(None, help="A single fixed test split instead of leave-one-out (comma-separated)."),
+    retrieve_k: Optional[int] = typer.Option(None, "--retrieve-k", help="Also score retrieval predictions with K neighbours."),
+    blend: float = typer.Option(1.0, help="Retrieval blend weight when --retrieve-k is given."),
+    genes: int = typer.Option(250, help="Panel size."),
+    smooth: bool = typer.Option(False, help="3x3 smoothing of targets."),
+    epochs: int = typer.Option(200, help="Maximum epochs."),
+    seeds: str = typer.Option("2021", help="Comma-separated seeds (neural heads are run once per seed)."),
+    ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, no-neighbor, cld."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
+    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Leave-one-group-out cross-validation of one or more heads on the same cache and folds."""
+    from genedml.cv import CVSettings, run_cv
+
+    settings = CVSettings(
+        by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
+        epochs=epochs, seeds=[int(s) for s in _csv(seeds) or ["2021"]], retrieve_k=retrieve_k, blend=blend,
+    )
+    summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
+    console.print(summary["markdown"])
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("genedml-demo"), "--out", help="Where the demo writes everything."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Run the chain on a real dataset folder instead of synthetic tissue."),
+    backbone: str = typer.Option("tiny-cnn", help="Backbone for the demo (random-init)."),
+    epochs: int = typer.Option(60, help="Training epochs of the Gene-DML head."),
+    small: bool = typer.Option(False, help="A smaller, faster demo (used by the tests)."),
+) -> None:
+    """Synthetic tissue → extract → fit → predict (regression and retrieval) → evaluate → report."""
+    from genedml.demo import run_demo
+
+    report = run_demo(out, data=data, backbone=backbone, epochs=epochs, small=small)
+    console.print(report)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+COMMANDS_WITH_CONFIG = {"extract", "fit", "predict", "cv"}
+
+
+def _default_map(argv: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Read `--config FILE` (TOML) for the invoked command into click's default_map."""
+    if "--config" not in argv:
+        return None
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise GenedmlError("--config needs a TOML file path.")
+    path = Path(argv[i + 1])
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise GenedmlError(f"Cannot read config {path}: {exc}") from exc
+    command = next((a for a in argv if a in COMMANDS_WITH_CONFIG), None)
+    if command is None:
+        return None
+    values = values.get(command, values)  # either a [fit] table or flat keys
+    return {command: {k.replace("-", "_"): v for k, v in values.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: turns GenedmlError into a one-paragraph message and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command = typer.main.get_command(app)
+        command.main(args=argv, prog_name="genedml", default_map=_default_map(argv), standalone_mode=True)
+    except GenedmlError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise SystemExit(2) from None

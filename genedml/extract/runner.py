@@ -1,0 +1,275 @@
+"""`genedml extract`: encode every spot of every sample into the feature cache, resumably."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+import genedml
+from genedml.cache.store import FeatureCache, SampleWriter
+from genedml.data.sample import Sample
+from genedml.errors import CacheMismatchError, InputError
+from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
+from genedml.extract.patches import dihedral_views, iter_patch_batches
+
+log = logging.getLogger("genedml")
+
+SCALES = ("local", "neighbor")
+TOKEN_GRIDS = {"cls": 0, "2x2": 2, "4x4": 4}
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What to extract. Everything that changes the features is recorded in the cache and compared."""
+
+    patch_px: int = 224
+    mpp_target: float | None = None
+    scales: tuple[str, ...] = SCALES
+    neighbor_mode: str = "lattice"
+    local_tokens: str = "cls"
+    augment: str | None = None
+    dtype: str = "float16"
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.scales) - set(SCALES)
+        if unknown or not self.scales or "local" not in self.scales:
+            raise InputError(f"--scales must include 'local' and only {SCALES} (global is derived at fit time); got {self.scales}.")
+        if self.neighbor_mode not in ("lattice", "exact"):
+            raise InputError(f"--neighbor-mode must be 'lattice' or 'exact', got {self.neighbor_mode!r}.")
+        if self.local_tokens not in TOKEN_GRIDS:
+            raise InputError(f"--local-tokens must be one of {sorted(TOKEN_GRIDS)}, got {self.local_tokens!r}.")
+        if self.augment not in (None, "dihedral"):
+            raise InputError(f"--augment must be 'dihedral' or omitted, got {self.augment!r}.")
+        if self.dtype not in ("float16", "float32"):
+            raise InputError(f"--dtype must be float16 or float32, got {self.dtype!r}.")
+        if self.patch_px <= 0 or (self.mpp_target is not None and self.mpp_target <= 0):
+            raise InputError("--patch-px and --mpp-target must be positive.")
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.patch_px, self.mpp_target)
+
+    def cache_settings(self, backbone_provenance: dict[str, Any]) -> dict[str, Any]:
+        """The store-level settings: backbone provenance + geometry (not batch size, workers or device)."""
+        return {
+            **backbone_provenance,
+            "patch_px": self.patch_px,
+            "mpp_target": self.mpp_target,
+            "scales": list(self.scales),
+            "neighbor_mode": self.neighbor_mode if "neighbor" in self.scales else None,
+            "neighbor_grid": 5,
+            "local_tokens": self.local_tokens,
+            "augment": self.augment,
+            "dtype": self.dtype,
+            "versions": {"genedml": genedml.__version__, "torch": torch.__version__, "python": platform.python_version()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+@dataclass
+class SampleReport:
+    sample_id: str
+    status: str  # "extracted" | "skipped"
+    spots: int
+    tiles_local: int = 0
+    tiles_neighbor: int = 0
+    tiles_augment: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tiles_per_spot(self) -> float:
+        return (self.tiles_local + self.tiles_neighbor) / max(1, self.spots)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA device (try --device cpu).")
+    return torch.device(device)
+
+
+class Encoder:
+    """Runs a backbone over boxes of one image, with read-ahead, into a preallocated output array."""
+
+    def __init__(self, backbone: Any, settings: ExtractSettings, device: torch.device, on_batch: Callable[[int], None]):
+        self.backbone = backbone
+        self.settings = settings
+        self.device = device
+        self.on_batch = on_batch
+        self.out_dtype = np.dtype(settings.dtype)
+
+    def encode(self, image: Any, boxes: np.ndarray, token_grid: int = 0, views: bool = False) -> np.ndarray:
+        """(M, T, D) features of `boxes` — or (M, 8, T, D) with `views` (dihedral augmentation)."""
+        s = self.settings
+        n_tokens = 1 + token_grid**2
+        dim = self.backbone.dim
+        shape = (len(boxes), 8, n_tokens, dim) if views else (len(boxes), n_tokens, dim)
+        out = np.zeros(shape, dtype=self.out_dtype)
+        # With 8 views per patch, read 8x fewer patches per batch so the model batch size stays the same.
+        per_batch = max(1, s.batch_size // 8) if views else s.batch_size
+        pin = self.device.type == "cuda"
+        row = 0
+        for batch in iter_patch_batches(image, boxes, s.patch_px, per_batch, s.workers, pin_memory=pin):
+            b = len(batch)
+            x = dihedral_views(batch).flatten(0, 1) if views else batch
+            feats = self.backbone.encode(x.to(self.device, non_blocking=True), token_grid=token_grid)
+            feats = feats.float().cpu().numpy()
+            out[row : row + b] = feats.reshape((b, 8, n_tokens, dim) if views else (b, n_tokens, dim))
+            row += b
+            self.on_batch(len(x))
+        return out
+
+
+def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, writer: SampleWriter) -> SampleReport:
+    """Encode one sample's local (and neighbour) scales and write them with the writer."""
+    start = time.perf_counter()
+    fov = settings.geometry.fov_px(sample.mpp)
+    image = sample.image
+    token_grid = TOKEN_GRIDS[settings.local_tokens]
+    report = SampleReport(sample.sample_id, "extracted", sample.n_spots)
+
+    boxes = local_boxes(sample.centers, fov)
+    if settings.augment == "dihedral":
+        aug = encoder.encode(image, boxes, token_grid, views=True)
+        writer.write("local_aug", aug)
+        writer.write("local", aug[:, 0])
+        report.tiles_local = len(boxes)
+        report.tiles_augment = 7 * len(boxes)
+    else:
+        writer.write("local", encoder.encode(image, boxes, token_grid))
+        report.tiles_local = len(boxes)
+    writer.heartbeat()  # type: ignore[attr-defined]
+
+    if "neighbor" in settings.scales:
+        if settings.neighbor_mode == "exact":
+            nboxes, mask = exact_neighbor_boxes(sample.centers, fov, image.width, image.height)
+            feats = np.zeros((sample.n_spots, 25, encoder.backbone.dim), dtype=encoder.out_dtype)
+            feats[mask] = encoder.encode(image, nboxes[mask])[:, 0]  # off-image tiles are not encoded
+            writer.write("neighbor", feats)
+            writer.write("neighbor_mask", mask)
+            report.tiles_neighbor = int(mask.sum())
+        else:
+            lattice = lattice_neighbors(sample.centers, fov, image.width, image.height)
+            writer.write("lattice", encoder.encode(image, lattice.boxes)[:, 0])
+            writer.write("lattice_boxes", lattice.boxes)
+            writer.write("neighbor_index", lattice.index)
+            writer.write("neighbor_mask", lattice.mask)
+            report.tiles_neighbor = len(lattice.boxes)
+
+    writer.write("barcodes", sample.barcodes)
+    writer.write("centers", sample.centers)
+    if sample.array_coords is not None:
+        writer.write("array_coords", sample.array_coords)
+    report.seconds = time.perf_counter() - start
+    writer.attrs(
+        sample_id=sample.sample_id,
+        patient_id=sample.patient_id,
+        patient_known=sample.patient_known,
+        source=sample.source,
+        image=str(image.path),
+        image_size=[image.width, image.height],
+        mpp=sample.mpp,
+        fov_px=fov,
+        fov_um=fov * sample.mpp,
+        neighbor_fov_um=5 * fov * sample.mpp,
+        n_spots=sample.n_spots,
+        tiles_encoded={"local": report.tiles_local, "neighbor": report.tiles_neighbor, "augment": report.tiles_augment},
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def check_cached_sample(cache: FeatureCache, sample: Sample) -> None:
+    """A complete cached sample must hold the same spots as the data now says (join is by barcode)."""
+    cached = cache.read(sample.sample_id, names=["barcodes"]).barcodes
+    if len(cached) != sample.n_spots or not np.array_equal(np.sort(cached), np.sort(sample.barcodes)):
+        missing = np.setdiff1d(sample.barcodes, cached)
+        raise CacheMismatchError(
+            f"Cached sample '{sample.sample_id}' in {cache.root} holds {len(cached)} spots but the data has "
+            f"{sample.n_spots} ({len(missing)} not in the cache, e.g. {list(missing[:5])}). "
+            "The data changed since extraction: re-run with --overwrite."
+        )
+
+
+def run_extraction(
+    samples: Sequence[Sample],
+    backbone: Any,
+    cache_dir: str | Path,
+    settings: ExtractSettings,
+    *,
+    overwrite: bool = False,
+    progress: Any | None = None,
+) -> list[SampleReport]:
+    """Extract `samples` into the cache at `cache_dir`; complete samples are skipped unless `overwrite`.
+
+    `progress` is an optional object with `start(total_spots)`, `sample(sample_id, total_tiles)`,
+    `advance(n_tiles)`, `sample_done(report)` (the CLI passes a rich progress bar).
+    """
+    device = resolve_device(settings.device)
+    cache = FeatureCache(cache_dir, settings.cache_settings(backbone.provenance()))
+    if progress is not None:
+        progress.start(sum(s.n_spots for s in samples))
+    encoder = Encoder(backbone, settings, device, on_batch=(progress.advance if progress else lambda n: None))
+    reports = []
+    for sample in samples:
+        if cache.is_complete(sample.sample_id) and not overwrite:
+            check_cached_sample(cache, sample)
+            log.info("skip %s: already complete in %s (use --overwrite to redo)", sample.sample_id, cache.root)
+            report = SampleReport(sample.sample_id, "skipped", sample.n_spots)
+        else:
+            if progress is not None:
+                progress.sample(sample.sample_id, planned_tiles(sample, settings))
+            with cache.writing(sample.sample_id) as writer:
+                report = extract_sample(sample, encoder, settings, writer)
+            release = getattr(sample.image, "release", None)
+            if release is not None:
+                release()  # free the decoded slide before the next sample
+            log.info(
+                "%s: %d spots, %d local + %d neighbour tiles encoded (%.2f per spot) in %.1fs",
+                sample.sample_id, report.spots, report.tiles_local, report.tiles_neighbor, report.tiles_per_spot, report.seconds,
+            )
+        if progress is not None:
+            progress.sample_done(report)
+        reports.append(report)
+    return reports
+
+
+def planned_tiles(sample: Sample, settings: ExtractSettings) -> int:
+    """How many model inputs a sample will cost (for the progress bar)."""
+    fov = settings.geometry.fov_px(sample.mpp)
+    n = sample.n_spots * (8 if settings.augment == "dihedral" else 1)
+    if "neighbor" in settings.scales:
+        if settings.neighbor_mode == "exact":
+            n += int(exact_neighbor_boxes(sample.centers, fov, sample.image.width, sample.image.height)[1].sum())
+        else:
+            n += len(lattice_neighbors(sample.centers, fov, sample.image.width, sample.image.height).boxes)
+    return n
+
+
+def reports_summary(reports: Sequence[SampleReport | dict[str, Any]]) -> dict[str, Any]:
+    """Totals over sample reports (objects or their dicts, e.g. gathered from several ranks)."""
+    rows = [r if isinstance(r, dict) else asdict(r) for r in reports]
+    done = [r for r in rows if r["status"] == "extracted"]
+    spots = sum(r["spots"] for r in done)
+    seconds = sum(r["seconds"] for r in done)
+    return {
+        "samples_extracted": len(done),
+        "samples_skipped": len(rows) - len(done),
+        "spots": spots,
+        "seconds": round(seconds, 2),
+        "spots_per_s": round(spots / seconds, 2) if seconds else None,
+        "tiles_per_spot": round(sum(r["tiles_local"] + r["tiles_neighbor"] for r in done) / spots, 3) if spots else None,
+        "reports": rows,
+    }
