@@ -52,6 +52,20 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _key_values(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values parsed as JSON where possible (numbers, booleans, lists), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GenedmlError(f"--head-option expects KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
 def _table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for key in rows[0] if rows else []:
@@ -217,6 +231,7 @@ def fit(
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     seed: int = typer.Option(2021, help="Random seed."),
     expect_backbone: Optional[str] = typer.Option(None, help="Refuse a cache made with another backbone."),
+    head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE, e.g. dim=128 or neighbor_depth=2 (repeatable)."),
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
     samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
     config: Optional[Path] = ConfigOpt,
@@ -232,6 +247,7 @@ def fit(
             "scales": _csv(scales), "instance": not no_instance, "group": not no_group, "groups": groups,
             "lambda_group": lambda_group, "tau": tau, "tau_group": tau_group, "group_form": group_form,
             "epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr, "seed": seed,
+            **_key_values(head_option),
         },
     )
     result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True)
@@ -306,6 +322,9 @@ def cv(
     epochs: int = typer.Option(200, help="Maximum epochs."),
     seeds: str = typer.Option("2021", help="Comma-separated seeds (neural heads are run once per seed)."),
     ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, no-neighbor, cld."),
+    head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
+    batch_size: int = typer.Option(512, help="Training batch size."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate."),
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
     samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
     config: Optional[Path] = ConfigOpt,
@@ -316,6 +335,7 @@ def cv(
     settings = CVSettings(
         by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
         epochs=epochs, seeds=[int(s) for s in _csv(seeds) or ["2021"]], retrieve_k=retrieve_k, blend=blend,
+        head={"batch_size": batch_size, "lr": lr, **_key_values(head_option)},
     )
     summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
     console.print(summary["markdown"])

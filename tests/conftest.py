@@ -36,7 +36,7 @@ def visium_dir() -> Path:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:

@@ -1,0 +1,196 @@
+"""`genedml cv`: leave-one-group-out cross-validation of several heads on identical folds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from genedml.cache.spots import load_spot_features
+from genedml.cache.store import FeatureCache
+from genedml.data.sample import Sample
+from genedml.errors import InputError
+from genedml.evaluate import score
+from genedml.fit import FitSettings, fit_model, targets_for_cache
+from genedml.predict import Predictor, RetrievalSettings
+
+log = logging.getLogger("genedml")
+
+NEURAL_HEADS = {"genedml", "triplex", "bleep"}
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no-group": {"group": False},
+    "no-instance": {"instance": False},
+    "no-global": {"scales": ["local", "neighbor"]},
+    "no-neighbor": {"scales": ["local", "global"]},
+    "cld": {"group_form": "cld"},
+}
+METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
+
+
+@dataclass
+class CVSettings:
+    by: str = "patient"
+    models: list[str] = field(default_factory=lambda: ["genedml"])
+    ablations: list[str] = field(default_factory=list)
+    samples: list[str] | None = None
+    test_samples: list[str] | None = None
+    genes: int = 250
+    smooth: bool = False
+    epochs: int = 200
+    seeds: list[int] = field(default_factory=lambda: [2021])
+    retrieve_k: int | None = None
+    blend: float = 1.0
+    val_fraction: float = 0.2
+    head: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a head, optional ablation overrides, optional retrieval at predict time."""
+
+    name: str
+    model: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    retrieval: RetrievalSettings | None = None
+
+
+def make_folds(samples: Sequence[Sample], by: str, test_samples: Sequence[str] | None = None) -> list[dict[str, list[str]]]:
+    """Leave-one-group-out folds (by patient or sample), or one fixed test split."""
+    ids = [s.sample_id for s in samples]
+    if test_samples:
+        unknown = sorted(set(test_samples) - set(ids))
+        if unknown:
+            raise InputError(f"--test-samples {unknown} not found (known: {ids}).")
+        return [{"name": "+".join(test_samples), "test": list(test_samples), "train": [i for i in ids if i not in test_samples]}]
+    if by == "patient":
+        unknown = [s.sample_id for s in samples if not s.patient_known]
+        if unknown:
+            log.warning(
+                "--by patient, but patient ids are unknown for %s (each is treated as its own patient); pass a samples table "
+                "(sample_id,patient_id) to keep sections of one patient on one side", unknown,
+            )
+        key = {s.sample_id: s.patient_id for s in samples}
+    elif by == "sample":
+        key = {i: i for i in ids}
+    else:
+        raise InputError(f"--by must be 'patient' or 'sample', got {by!r}.")
+    groups = list(dict.fromkeys(key[i] for i in ids))
+    if len(groups) < 2:
+        raise InputError(f"Cross-validation by {by} needs at least 2 groups, found {groups}.")
+    return [{"name": g, "test": [i for i in ids if key[i] == g], "train": [i for i in ids if key[i] != g]} for g in groups]
+
+
+def variants(settings: CVSettings) -> list[Variant]:
+    rows = [Variant(m, m) for m in settings.models]
+    for ablation in settings.ablations:
+        if ablation not in ABLATIONS:
+            raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
+        rows.append(Variant(f"genedml −{ablation}" if ablation != "cld" else "genedml (CLD group form)", "genedml", tuple(ABLATIONS[ablation].items())))
+    if settings.retrieve_k:
+        r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)
+        rows += [Variant(f"{m} + retrieval (k={r.k}, blend={r.blend:g})", m, (), r) for m in settings.models if m == "genedml"]
+    return rows
+
+
+def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: CVSettings, *, read_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit/predict/evaluate every variant on every fold; write folds, per-run metrics and the summary."""
+    from genedml.data import read_samples
+
+    cache = FeatureCache(cache_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = settings.samples or cache.samples()
+    samples = read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})
+    by_id = {s.sample_id: s for s in samples}
+    folds = make_folds(samples, settings.by, settings.test_samples)
+    runs: list[dict[str, Any]] = []
+    fitted: dict[tuple[str, str, int], Path] = {}
+    for fold in folds:
+        for variant in variants(settings):
+            seeds = settings.seeds if variant.model in NEURAL_HEADS else settings.seeds[:1]
+            for seed in seeds:
+                key = (fold["name"], variant.model + repr(variant.overrides), seed)
+                model_dir = fitted.get(key)
+                fit_seconds = 0.0
+                if model_dir is None:  # retrieval rows reuse the fitted regression model of the same fold
+                    model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
+                    fs = FitSettings(
+                        model=variant.model, genes=settings.genes, smooth=settings.smooth, train_samples=fold["train"],
+                        val_fraction=settings.val_fraction, seed=seed,
+                        head={**settings.head, "epochs": settings.epochs, "seed": seed, **dict(variant.overrides)},
+                    )
+                    t0 = time.perf_counter()
+                    fit_model(cache, None, model_dir, fs, samples=by_id)
+                    fit_seconds = time.perf_counter() - t0
+                    fitted[key] = model_dir
+                metrics = evaluate_fold(model_dir, cache, fold["test"], by_id, variant.retrieval)
+                row = {"fold": fold["name"], "variant": variant.name, "seed": seed, "fit_seconds": round(fit_seconds, 2), **metrics}
+                runs.append(row)
+                log.info("cv %s | %s | seed %d: PCC-ACG %.4f", fold["name"], variant.name, seed, metrics["pcc_acg"] or float("nan"))
+    summary = summarise(runs, folds, settings, cache)
+    (out / "cv_runs.json").write_text(json.dumps(runs, indent=2))
+    (out / "cv_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "cv_summary.md").write_text(summary["markdown"])
+    return summary
+
+
+def evaluate_fold(model_dir: Path, cache: FeatureCache, test_ids: list[str], samples: dict[str, Sample], retrieval: RetrievalSettings | None) -> dict[str, Any]:
+    predictor = Predictor(model_dir)
+    predictor.check_cache(cache)
+    truth, preds = [], []
+    for sample_id in test_ids:
+        feats = load_spot_features(cache, [sample_id], with_aug=False)
+        truth.append(targets_for_cache(samples[sample_id], feats.barcodes, predictor.targets))
+        preds.append(predictor.predict(feats, retrieval)["X"])
+    metrics = score(truth, preds, test_ids, predictor.targets)
+    flat = {k: metrics["per_slide_mean"][k] for k in METRICS}
+    flat |= {f"pooled_{k}": metrics["pooled"][k] for k in METRICS}
+    flat["best_epoch"] = predictor.config.get("best_epoch")
+    return flat
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarise(runs: list[dict[str, Any]], folds: list[dict[str, Any]], settings: CVSettings, cache: FeatureCache) -> dict[str, Any]:
+    """Per variant: mean ± std over folds of the seed-averaged metric, plus the mean std across seeds."""
+    table: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        rows = [r for r in runs if r["variant"] == name]
+        entry: dict[str, Any] = {}
+        for metric in (*METRICS, "fit_seconds"):
+            per_fold = [np.mean([r[metric] for r in rows if r["fold"] == f["name"] and r[metric] is not None] or [np.nan]) for f in folds]
+            mean, std = _mean_std([None if np.isnan(x) else float(x) for x in per_fold])
+            entry[metric] = {"mean": mean, "std_folds": std}
+            seed_std = [np.std([r[metric] for r in rows if r["fold"] == f["name"]], ddof=1) for f in folds if sum(r["fold"] == f["name"] for r in rows) > 1]
+            if seed_std:
+                entry[metric]["std_seeds"] = float(np.nanmean(seed_std))
+        table[name] = entry
+    weights = cache.settings.get("weights")
+    header = "| method | PCC-ACG | PCC-HEG | PCC-HVG | MSE | MAE | fit s |\n|---|---|---|---|---|---|---|\n"
+
+    def cell(e: dict[str, Any]) -> str:
+        if e["mean"] is None:
+            return "n/a"
+        text = f"{e['mean']:.3f} ± {e['std_folds']:.3f}"
+        return text + (f" (seeds ± {e['std_seeds']:.3f})" if "std_seeds" in e else "")
+
+    lines = [f"| {name} | " + " | ".join(cell(e[m]) for m in METRICS) + f" | {e['fit_seconds']['mean']:.1f} |" for name, e in table.items()]
+    note = "PCC per slide then mean over slides; ± = std over folds (seed-averaged per fold)."
+    if weights == "random-init":
+        note += " Features from a random-init backbone: not a biology result."
+    markdown = header + "\n".join(lines) + f"\n\n{note}\nbackbone: {cache.settings.get('backbone')} ({weights}); folds by {settings.by}: " + "; ".join(f"{f['name']}: test {f['test']}" for f in folds) + "\n"
+    return {"table": table, "folds": folds, "seeds": settings.seeds, "backbone": cache.settings.get("backbone"), "weights": weights, "markdown": markdown}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "x"

@@ -1,0 +1,95 @@
+"""`genedml evaluate`: score prediction .h5ad files against measured expression; write metrics and figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from genedml.data.sample import Sample
+from genedml.errors import InputError
+from genedml.metrics import evaluate_predictions
+from genedml.model_dir import read_targets
+from genedml.targets import TargetSpec, make_targets
+
+N_MAPPED_GENES = 4
+
+
+def _prediction_files(pred: Path) -> list[Path]:
+    files = sorted(pred.glob("*.h5ad")) if pred.is_dir() else [pred]
+    if not files or not all(f.is_file() for f in files):
+        raise InputError(f"No prediction .h5ad found at {pred} (run `genedml predict` first).")
+    return files
+
+
+def truth_for(sample: Sample, barcodes: np.ndarray, spec: TargetSpec) -> np.ndarray:
+    """Measured targets of `barcodes` (joined by barcode) on the model's panel and normalisation."""
+    values = make_targets(sample, spec)
+    row = {b: i for i, b in enumerate(sample.barcodes)}
+    missing = [b for b in barcodes if b not in row]
+    if missing:
+        raise InputError(f"{len(missing)} predicted spots of '{sample.sample_id}' are not in the data (e.g. {missing[:5]}).")
+    return values[np.array([row[b] for b in barcodes])]
+
+
+def score(truth: Sequence[np.ndarray], preds: Sequence[np.ndarray], sample_ids: Sequence[str], spec: TargetSpec) -> dict[str, Any]:
+    """Metrics over several slides (per slide then mean, and pooled), with the model's HEG/HVG lists."""
+    slide = np.concatenate([np.full(len(t), s) for t, s in zip(truth, sample_ids)])
+    return evaluate_predictions(np.concatenate(truth), np.concatenate(preds), slide, spec.panel, spec.heg, spec.hvg)
+
+
+def evaluate_dir(
+    pred: str | Path, data: str | Path, out: str | Path, *, model_dir: str | Path | None = None, read_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Evaluate every prediction file under `pred`; writes metrics.json, per_gene.csv and PNG figures to `out`."""
+    import anndata as ad
+
+    from genedml.data import read_samples
+    from genedml.plots import pcc_distribution, spatial_maps
+
+    files = _prediction_files(Path(pred))
+    adatas = [ad.read_h5ad(f) for f in files]
+    provenance = dict(adatas[0].uns.get("genedml", {}))
+    model_dir = Path(model_dir or provenance.get("model_dir", ""))
+    spec = read_targets(model_dir)
+    ids = [str(a.obs["sample_id"].iloc[0]) for a in adatas]
+    samples = {s.sample_id: s for s in read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})}
+    truth, preds = [], []
+    for sample_id, adata in zip(ids, adatas):
+        if list(adata.var_names) != spec.panel:
+            raise InputError(f"Predictions for '{sample_id}' are not on the model's gene panel ({model_dir}).")
+        truth.append(truth_for(samples[sample_id], np.asarray(adata.obs_names), spec))
+        preds.append(np.asarray(adata.X, dtype=np.float32))
+    metrics = score(truth, preds, ids, spec)
+    note = provenance.get("note") or None
+    summary = {
+        "samples": ids,
+        "mode": provenance.get("mode"),
+        "weights": provenance.get("weights"),
+        **{f"{agg}/{k}": metrics[agg][k] for agg in ("per_slide_mean", "pooled") for k in ("pcc_acg", "pcc_heg", "pcc_hvg", "pcc_hpg", "mse", "mae")},
+    }
+    if note:
+        summary["note"] = note
+    metrics["summary"] = summary
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_per_gene(out / "per_gene.csv", metrics["per_gene"])
+    pcc = np.array([np.nan if v is None else v for v in metrics["per_gene"]["pcc_pooled"]], dtype=float)
+    pcc_distribution(pcc, out / "pcc_distribution.png", label="PCC per gene (pooled test spots)", note=note)
+    order = np.argsort(np.nan_to_num(pcc, nan=-2))[::-1][:N_MAPPED_GENES]
+    genes = [spec.panel[i] for i in order]
+    for sample_id, t, p, adata in zip(ids, truth, preds, adatas):
+        spatial_maps(np.asarray(adata.obsm["spatial"]), t[:, order], p[:, order], genes, out / f"maps_{sample_id}.png", title=f"{sample_id}: measured vs predicted", note=note)
+    return metrics
+
+
+def _write_per_gene(path: Path, table: dict[str, list[Any]]) -> None:
+    keys = list(table)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(keys)
+        writer.writerows(zip(*(table[k] for k in keys)))

@@ -1,0 +1,255 @@
+"""`genedml fit`: targets from the data, features from the cache, a head, and a model directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import genedml
+from genedml.cache.spots import load_spot_features
+from genedml.cache.store import FeatureCache
+from genedml.data.sample import Sample
+from genedml.errors import CacheMismatchError, InputError
+from genedml.heads.features import SpotFeatures
+from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, fit_prototypes
+from genedml.targets import TargetSpec, fit_targets, make_targets
+
+log = logging.getLogger("genedml")
+
+
+@dataclass
+class FitSettings:
+    """Everything `fit` needs besides paths; `head` holds the head's own settings."""
+
+    model: str = "genedml"
+    genes: int = 250
+    gene_select: str = "mean"
+    gene_list: Path | None = None
+    normalize_over: str = "panel"
+    log: str = "log1p"
+    smooth: bool = False
+    train_samples: list[str] | None = None
+    val_samples: list[str] | None = None
+    val_fraction: float = 0.2
+    seed: int = 2021
+    expect_backbone: str | None = None
+    head: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    model_dir: Path
+    train_samples: list[str]
+    val_samples: list[str]
+    history: dict[str, Any]
+    seconds: float
+    weights: str
+
+    def summary_line(self) -> str:
+        best = self.history.get("best_val_pcc")
+        text = (
+            f"fit: {self.model_dir} — train {self.train_samples}, validation {self.val_samples or 'none'}, "
+            f"best epoch {self.history.get('best_epoch')}, validation PCC {best if best is None else round(best, 4)}, "
+            f"{self.seconds:.1f}s"
+        )
+        if self.weights == "random-init":
+            text += " [weights: random-init backbone — not a biology result]"
+        return text
+
+
+def split_samples(
+    available: Sequence[str], train: Sequence[str] | None, val: Sequence[str] | None, val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Split by sample, never by spot (spots of one section are correlated)."""
+    unknown = sorted((set(train or []) | set(val or [])) - set(available))
+    if unknown:
+        raise InputError(f"Samples {unknown} are not complete in the cache (available: {list(available)}).")
+    val = list(val or [])
+    train = [s for s in (train or available) if s not in val]
+    if not train:
+        raise InputError("No training samples left after removing the validation samples.")
+    if not val and val_fraction > 0:
+        if len(train) < 2:
+            log.warning("only one training sample: no validation split, training runs for the fixed number of epochs")
+        else:
+            order = np.random.default_rng(seed).permutation(len(train))
+            n_val = min(len(train) - 1, max(1, math.ceil(val_fraction * len(train))))
+            val = sorted(train[i] for i in order[:n_val])
+            train = [s for s in train if s not in val]
+    return train, val
+
+
+def targets_for_cache(sample: Sample, cached_barcodes: np.ndarray, spec: TargetSpec) -> np.ndarray:
+    """Targets in the cache's row order, joined by barcode; loud failure when spots do not match."""
+    values = make_targets(sample, spec)
+    row = {b: i for i, b in enumerate(sample.barcodes)}
+    missing = [b for b in cached_barcodes if b not in row]
+    if missing:
+        raise CacheMismatchError(
+            f"{len(missing)} of {len(cached_barcodes)} cached spots of '{sample.sample_id}' have no expression in the data "
+            f"(e.g. {missing[:5]}). Was the cache made from another version of this dataset? Re-extract with --overwrite."
+        )
+    return values[np.array([row[b] for b in cached_barcodes])]
+
+
+def load_split(cache: FeatureCache, samples: dict[str, Sample], ids: Sequence[str], spec: TargetSpec) -> tuple[SpotFeatures, np.ndarray]:
+    feats = load_spot_features(cache, ids)
+    y = np.concatenate([targets_for_cache(samples[s], feats.barcodes[feats.slide == i], spec) for i, s in enumerate(ids)])
+    return feats, y
+
+
+def check_backbone(cache: FeatureCache, expected: str | None) -> None:
+    if expected and cache.settings.get("backbone") != expected:
+        raise CacheMismatchError(
+            f"Cache {cache.root} was made with backbone '{cache.settings.get('backbone')}', not '{expected}'."
+        )
+
+
+def fit_model(
+    cache_dir: str | Path | FeatureCache,
+    data: str | Path | None,
+    out: str | Path,
+    settings: FitSettings,
+    *,
+    read_kwargs: dict[str, Any] | None = None,
+    progress: bool = False,
+    samples: dict[str, Sample] | None = None,
+) -> FitResult:
+    """Fit `settings.model` on cached features and write the model directory `out`.
+
+    Expression comes from `samples` when given (cv reads the data once), else from reading `data`.
+    """
+    from genedml.data import read_samples
+    from genedml.heads import make_head
+
+    start = time.perf_counter()
+    cache = cache_dir if isinstance(cache_dir, FeatureCache) else FeatureCache(cache_dir)
+    check_backbone(cache, settings.expect_backbone)
+    train_ids, val_ids = split_samples(cache.samples(), settings.train_samples, settings.val_samples, settings.val_fraction, settings.seed)
+    if samples is None:
+        if data is None:
+            raise InputError("fit needs the dataset (--data) to build expression targets.")
+        read_kwargs = {k: v for k, v in (read_kwargs or {}).items() if v is not None}
+        samples = {s.sample_id: s for s in read_samples(data, samples=train_ids + val_ids, **read_kwargs)}
+
+    gene_list = None
+    if settings.gene_list is not None:
+        gene_list = [g.strip() for g in Path(settings.gene_list).read_text().splitlines() if g.strip()]
+    spec = fit_targets(
+        [samples[s] for s in train_ids], n_genes=settings.genes, select=settings.gene_select, gene_list=gene_list,
+        normalize_over=settings.normalize_over, log=settings.log, smooth=settings.smooth,
+    )
+    train, y_train = load_split(cache, samples, train_ids, spec)
+    val, y_val = load_split(cache, samples, val_ids, spec) if val_ids else (None, None)
+
+    head = make_head(settings.model, **head_settings(settings.model, settings.head))
+    weights = str(cache.settings.get("weights"))
+    if weights == "random-init":
+        log.warning("the cache was made with a random-init backbone: the fitted model is not a biology result")
+    history = _fit_head(head, train, y_train, val, y_val, progress)
+    if val is not None and history.get("best_val_pcc") is None:
+        # Heads without epochs (ridge) are scored on the same validation split for the record.
+        from genedml.heads.training import mean_gene_pcc
+
+        history = {**history, "best_val_pcc": float(mean_gene_pcc(head.predict(val), y_val)), "selection": "closed form (validation scored, not used)"}
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head.save(out / HEAD_DIR)
+    (out / TARGETS).write_text(spec.to_json())
+    bank_info = write_bank(out, head, train, y_train, spec, settings)
+    seconds = time.perf_counter() - start
+    config = {
+        "genedml_version": genedml.__version__,
+        "model": settings.model,
+        "fit_settings": _jsonable(asdict(settings)),
+        "head_config": head.config(),
+        "genes": spec.panel,
+        "train_samples": train_ids,
+        "val_samples": val_ids,
+        "selection": "validation split carved from the training samples" if val_ids else "last epoch (no validation samples)",
+        "n_train_spots": int(len(train)),
+        "spot_pitch_um": spot_pitch_um(cache, train_ids),
+        "cache": str(cache.root.resolve()),
+        "cache_settings": cache.settings,
+        "weights": weights,
+        "best_epoch": history.get("best_epoch"),
+        "best_val_pcc": history.get("best_val_pcc"),
+        "fit_seconds": round(seconds, 2),
+        "bank": bank_info,
+    }
+    (out / CONFIG).write_text(json.dumps(_jsonable(config), indent=2))
+    _write_curve(out, history, "random-init backbone: not a biology result" if weights == "random-init" else None)
+    return FitResult(out, train_ids, val_ids, history, seconds, weights)
+
+
+def spot_pitch_um(cache: FeatureCache, sample_ids: Sequence[str]) -> float:
+    """Median centre-to-centre spot distance of the training samples in µm (default virtual-spot pitch)."""
+    from scipy.spatial import cKDTree
+
+    pitches = []
+    for sample_id in sample_ids:
+        centers = cache.read(sample_id, names=["centers"]).arrays["centers"]
+        if len(centers) > 1:
+            dist, _ = cKDTree(centers).query(centers, k=2)
+            pitches.append(float(np.median(dist[:, 1])) * float(cache.sample_attrs(sample_id)["mpp"]))
+    return round(float(np.median(pitches)), 3) if pitches else 100.0
+
+
+def head_settings(model: str, requested: dict[str, Any]) -> dict[str, Any]:
+    """Only the settings the chosen head accepts (CLI flags cover all heads)."""
+    from genedml.heads import accepted_settings
+
+    accepted = accepted_settings(model)
+    return {k: v for k, v in requested.items() if k in accepted and v is not None}
+
+
+def _fit_head(head: Any, train: SpotFeatures, y_train: np.ndarray, val: SpotFeatures | None, y_val: np.ndarray | None, progress: bool) -> dict[str, Any]:
+    epochs = int(head.config().get("epochs", 0) or 0)
+    if progress and epochs:
+        from genedml.progress import EpochProgress
+
+        with EpochProgress(epochs, f"fit {head.name}") as bar:
+            return head.fit(train, y_train, val, y_val, progress=bar)
+    return head.fit(train, y_train, val, y_val)
+
+
+def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, spec: TargetSpec, settings: FitSettings) -> dict[str, Any]:
+    """Reference bank (gene embeddings + expression of training spots), its FAISS index, and prototypes."""
+    from genedml.retrieval import ReferenceBank, build_index, save_index
+
+    emb = head.embed_genes(y_train)
+    if emb is None:
+        return {"retrieval": False, "reason": f"head '{settings.model}' has no gene embedding (no contrastive pathway)"}
+    sample_ids = np.array(train.sample_ids)[train.slide]
+    bank = ReferenceBank(emb, y_train, sample_ids, train.barcodes, genes=spec.panel)
+    bank.save(out / BANK_DIR)
+    index = build_index(bank.embeddings, kind="flat")
+    save_index(index, out / BANK_DIR / "index.faiss")
+    k = int(settings.head.get("groups") or 18)
+    protos = fit_prototypes(bank.embeddings, y_train, k, settings.seed)
+    protos.save(out / PROTOTYPES)
+    return {"retrieval": True, "spots": len(bank), "dim": int(bank.embeddings.shape[1]), "index": "flat (inner product on L2-normalised)", "prototypes": int(len(protos.sizes))}
+
+
+def _write_curve(out: Path, history: dict[str, Any], note: str | None) -> None:
+    """curve.json (the full history) and curve.png (one series per loss part and the validation PCC)."""
+    (out / "curve.json").write_text(json.dumps(_jsonable(history), indent=2))
+    epochs = history.get("epochs") or []
+    if epochs:
+        from genedml.plots import training_curve
+
+        names = [k for k in epochs[0] if k != "epoch"]
+        series = {"epoch": [e["epoch"] for e in epochs]} | {k: [np.nan if e.get(k) is None else e[k] for e in epochs] for k in names}
+        training_curve(series, out / "curve.png", note=note)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

@@ -1,0 +1,252 @@
+"""The Gene-DML model (method.md §1.2–1.3): scale encoders, fusion, gene encoder, the dual-pathway losses.
+
+Every part is a switch of `GeneDMLConfig`, so the paper's ablations are one field each. The same model with
+objective="triplex" (contrastive pathways off, per-branch heads, MSE + distillation) is the TRIPLEX baseline
+on identical encoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genedml.heads.base import register
+from genedml.heads.batch import Batch
+from genedml.heads.features import SpotFeatures
+from genedml.heads.layers import FusionEncoder, GlobalEncoder, NeighborEncoder, ProjectionHead, feed_forward
+from genedml.heads.losses import GroupForm, group_loss, instance_loss, regression_loss, triplex_loss
+from genedml.heads.training import NeuralHead
+
+SCALES = ("local", "neighbor", "global")
+
+
+@dataclass
+class GeneDMLConfig:
+    """Architecture and objective. Defaults follow the paper (HER2ST settings)."""
+
+    in_dim: int = 1024  # backbone dimension D (set from the features at fit)
+    n_genes: int = 250  # G (set from the targets at fit)
+    scales: tuple[str, ...] = SCALES
+    objective: Literal["genedml", "triplex"] = "genedml"
+    instance: bool = True  # multi-scale instance-level pathway
+    group: bool = True  # cross-level instance-group pathway
+    group_form: GroupForm = "reference"
+    groups: int = 18  # K of the per-batch k-means
+    lambda_group: float = 0.8  # λ
+    tau: float = 0.07  # instance temperature τ
+    tau_group: float = 0.07  # group temperature τ_g
+    kmeans_iters: int = 10
+    triplex_alpha: float = 0.3
+    triplex_detach_teacher: bool = True
+    dim: int = 512  # width after the shared fc
+    neighbor_depth: int = 4
+    neighbor_heads: int = 4
+    neighbor_mlp_ratio: float = 4.0
+    neighbor_dropout: float = 0.3
+    global_depth: int = 5
+    global_heads: int = 8
+    global_mlp_ratio: float = 4.0
+    global_dropout: float = 0.3
+    fusion_depth: int = 1
+    fusion_heads: int = 1
+    fusion_mlp_ratio: float = 2.0  # 512 → 1024
+    fusion_dropout: float = 0.1
+    gene_dropout: float = 0.3
+    regression_hidden_ratio: float = 3.0  # 512 → 1536
+    regression_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(self.scales)
+        unknown = set(self.scales) - set(SCALES)
+        if unknown or not self.scales:
+            raise ValueError(f"scales must be a non-empty subset of {SCALES}, got {self.scales}")
+        if self.objective == "triplex" and (self.instance or self.group):
+            raise ValueError("objective 'triplex' has no contrastive terms: set instance=False and group=False")
+
+    @property
+    def needs_gene_encoder(self) -> bool:
+        return self.instance or self.group
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["scales"] = list(self.scales)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GeneDMLConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    w = valid.to(x.dtype)[..., None]
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
+class GeneDMLModel(nn.Module):
+    """Scale encoders → shared fc → fusion → regression head; gene encoder and cluster head for the losses."""
+
+    def __init__(self, cfg: GeneDMLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, e, g = cfg.in_dim, cfg.dim, cfg.n_genes
+        if "neighbor" in cfg.scales:
+            self.neighbor_encoder = NeighborEncoder(
+                d, cfg.neighbor_depth, cfg.neighbor_heads, cfg.neighbor_mlp_ratio, cfg.neighbor_dropout
+            )
+        if "global" in cfg.scales:
+            self.global_encoder = GlobalEncoder(
+                d, cfg.global_depth, cfg.global_heads, cfg.global_mlp_ratio, cfg.global_dropout
+            )
+        self.fc = nn.Linear(d, e)
+        self.fusion = FusionEncoder(e, cfg.fusion_depth, cfg.fusion_heads, int(e * cfg.fusion_mlp_ratio), cfg.fusion_dropout)
+        hidden = int(e * cfg.regression_hidden_ratio)
+        p = cfg.regression_dropout
+        self.regression = nn.Sequential(
+            nn.Linear(e, hidden), nn.ReLU(), nn.Dropout(p), nn.Linear(hidden, e), nn.ReLU(), nn.Dropout(p), nn.Linear(e, g)
+        )
+        if cfg.needs_gene_encoder:
+            self.gene_encoder = nn.Sequential(ProjectionHead(g, e, cfg.gene_dropout), feed_forward(e, 2 * e))
+        if cfg.group:
+            self.cluster_head = nn.Linear(e, e)
+        if cfg.objective == "triplex":
+            self.branch_heads = nn.ModuleDict(
+                {s: nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, g)) for s in cfg.scales}
+            )
+
+    # -- encoders -------------------------------------------------------------------------------------------
+    def _global_tokens(self, batch: Batch) -> torch.Tensor:
+        """Encode every slide of the batch once (all its spots), then pick the batch's spots → (B, D)."""
+        encoded = [self.global_encoder(tokens, grid) for tokens, grid in zip(batch.slide_tokens, batch.slide_grid)]
+        out = batch.local.new_empty(len(batch), batch.local.shape[-1])
+        for i, enc in enumerate(encoded):
+            rows = torch.nonzero(batch.slot == i).squeeze(1)
+            out = out.index_copy(0, rows, enc[batch.slide_pos[rows]])
+        return out
+
+    def encode_scales(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per scale: tokens after fc (B, L, E) and their validity (B, L)."""
+        out = {}
+        if "local" in self.cfg.scales:
+            tokens = self.fc(batch.local)
+            out["local"] = (tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        if "neighbor" in self.cfg.scales:
+            valid = batch.neighbor_mask
+            tokens = self.fc(self.neighbor_encoder(batch.neighbor, valid))
+            if valid is None:
+                valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            out["neighbor"] = (tokens, valid)
+        if "global" in self.cfg.scales:
+            tokens = self.fc(self._global_tokens(batch))[:, None]
+            out["global"] = (tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        return out
+
+    def encode_genes(self, y: torch.Tensor) -> torch.Tensor:
+        """g: L2-normalised gene embedding (B, E)."""
+        return F.normalize(self.gene_encoder(y), dim=-1)
+
+    def forward(self, batch: Batch, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Outputs: pred (B, G), f (B, E), pooled[scale] (B, E) raw, emb[scale] L2-normalised; g when y given."""
+        scales = self.encode_scales(batch)
+        tokens = torch.cat([t for t, _ in scales.values()], dim=1)
+        valid = torch.cat([v for _, v in scales.values()], dim=1)
+        fused = self.fusion(tokens, valid)
+        f = _masked_mean(fused, valid)
+        out: dict[str, Any] = {"f": f, "pred": self.regression(f), "pooled": {}, "emb": {}}
+        for name, (t, v) in scales.items():
+            out["pooled"][name] = _masked_mean(t, v)
+            out["emb"][name] = F.normalize(out["pooled"][name], dim=-1)
+        if y is not None and self.cfg.needs_gene_encoder:
+            out["g"] = self.encode_genes(y)
+        return out
+
+    # -- objective ------------------------------------------------------------------------------------------
+    def loss(self, out: dict[str, Any], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its parts (only the parts that are switched on appear)."""
+        cfg = self.cfg
+        parts: dict[str, torch.Tensor] = {}
+        if cfg.objective == "triplex":
+            branches = [self.branch_heads[s](out["pooled"][s]) for s in cfg.scales]
+            total, tparts = triplex_loss(out["pred"], branches, y, cfg.triplex_alpha, cfg.triplex_detach_teacher)
+            parts.update(tparts)
+        else:
+            parts["regression"] = regression_loss(out["pred"], y)
+            total = parts["regression"]
+            if cfg.instance:
+                parts["instance"] = instance_loss(list(out["emb"].values()), out["g"], cfg.tau)
+                total = total + parts["instance"]
+            if cfg.group:
+                u = self.cluster_space_of(out["f"])
+                v = self.cluster_space_of(out["g"])
+                parts["group"], _ = group_loss(
+                    out["f"], out["g"], u, v, cfg.groups, cfg.tau_group, cfg.group_form, cfg.kmeans_iters
+                )
+                total = total + cfg.lambda_group * parts["group"]
+        return total, {name: float(value.detach()) for name, value in parts.items()}
+
+    def cluster_space_of(self, x: torch.Tensor) -> torch.Tensor:
+        """h(x) = L2normalise(Linear(x)), the cluster head shared by both modalities."""
+        return F.normalize(self.cluster_head(x), dim=-1)
+
+    @staticmethod
+    def image_embedding(out: dict[str, Any]) -> torch.Tensor:
+        """Retrieval query: normalised mean of the L2-normalised scale embeddings.
+
+        The instance loss aligns each of t, n, gl with g by cosine; the mean of unit vectors maximises the
+        average cosine to g over the scales, so it is the query that lives in g's space. f is not aligned
+        with g by that loss (and is not normalised), so it would be a poor query.
+        """
+        return F.normalize(torch.stack(list(out["emb"].values())).mean(dim=0), dim=-1)
+
+
+@register("genedml")
+class GeneDMLHead(NeuralHead):
+    """Gene-DML as an estimator: fit/predict/embed on `SpotFeatures`."""
+
+    model_config_cls = GeneDMLConfig
+
+    def build(self, in_dim: int, n_genes: int) -> nn.Module:
+        self.model_cfg.in_dim, self.model_cfg.n_genes = int(in_dim), int(n_genes)
+        return GeneDMLModel(self.model_cfg)
+
+    def needs_neighbor(self) -> bool:
+        return "neighbor" in self.model_cfg.scales
+
+    def batch_loss(self, batch: Batch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        model = self._model()
+        return model.loss(model(batch, y), y)
+
+    def predict_batch(self, batch: Batch) -> torch.Tensor:
+        return self._model()(batch)["pred"]
+
+    def embed_image(self, feats: SpotFeatures) -> np.ndarray | None:
+        """Normalised mean of the normalised scale embeddings (see `GeneDMLModel.image_embedding`)."""
+        if not self.model_cfg.instance:
+            return None
+        return self._batches(feats, lambda b: GeneDMLModel.image_embedding(self._model()(b)))
+
+    def embed_genes(self, y: np.ndarray) -> np.ndarray | None:
+        """g, the L2-normalised gene embedding (None without a gene encoder)."""
+        if not self.model_cfg.needs_gene_encoder:
+            return None
+        model = self._model()
+        model.eval()
+        with torch.no_grad():
+            return model.encode_genes(self.genes_tensor(y)).cpu().numpy()
+
+    def cluster_space(self, feats_or_y: SpotFeatures | np.ndarray) -> np.ndarray | None:
+        """u = h(f) for features, v = h(g) for targets (None without the group pathway)."""
+        if not self.model_cfg.group:
+            return None
+        model = self._model()
+        if isinstance(feats_or_y, SpotFeatures):
+            return self._batches(feats_or_y, lambda b: model.cluster_space_of(model(b)["f"]))
+        model.eval()
+        with torch.no_grad():
+            g = model.encode_genes(self.genes_tensor(feats_or_y))
+            return model.cluster_space_of(g).cpu().numpy()

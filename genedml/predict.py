@@ -1,0 +1,180 @@
+"""`genedml predict`: regression and FAISS retrieval predictions written as AnnData (.h5ad).
+
+`X` holds predictions on the model's gene panel in the model's normalised scale (library size to
+`target_sum` over the panel or all genes, then log1p/log10 — see `uns['genedml']['targets']`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from genedml.cache.spots import load_spot_features
+from genedml.cache.store import FeatureCache, settings_diff
+from genedml.errors import CacheMismatchError, ModelDirError
+from genedml.heads.features import SpotFeatures
+from genedml.model_dir import BANK_DIR, HEAD_DIR, PROTOTYPES, Prototypes, read_config, read_targets
+
+log = logging.getLogger("genedml")
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    k: int = 50
+    weighting: str = "uniform"
+    tau: float = 0.07
+    blend: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ModelDirError(f"--retrieve-k must be >= 1, got {self.k}.")
+        if not 0.0 <= self.blend <= 1.0:
+            raise ModelDirError(f"--blend must be in [0, 1], got {self.blend}.")
+        if self.weighting not in ("uniform", "softmax", "inverse-l1"):
+            raise ModelDirError(f"--weighting must be uniform, softmax or inverse-l1, got {self.weighting!r}.")
+
+
+class Predictor:
+    """A loaded model directory: head, target spec, and (when present) reference bank, index, prototypes."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from genedml.heads import load_head
+
+        self.model_dir = Path(model_dir)
+        self.config = read_config(model_dir)
+        self.targets = read_targets(model_dir)
+        self.head = load_head(self.model_dir / HEAD_DIR)
+        self.genes = list(self.config["genes"])
+        self._bank: Any = None
+        self._index: Any = None
+        self._prototypes: Prototypes | None = None
+
+    @property
+    def has_bank(self) -> bool:
+        return (self.model_dir / BANK_DIR / "index.faiss").is_file()
+
+    def bank(self) -> tuple[Any, Any]:
+        if self._bank is None:
+            from genedml.retrieval import ReferenceBank, load_index
+
+            if not self.has_bank:
+                reason = self.config.get("bank", {}).get("reason", "no reference bank in the model dir")
+                raise ModelDirError(f"--retrieve-k needs a reference bank: {reason}. Use --model genedml or bleep.")
+            self._bank = ReferenceBank.load(self.model_dir / BANK_DIR)
+            self._index = load_index(self.model_dir / BANK_DIR / "index.faiss")
+        return self._bank, self._index
+
+    def prototypes(self) -> Prototypes | None:
+        if self._prototypes is None and (self.model_dir / PROTOTYPES).is_file():
+            self._prototypes = Prototypes.load(self.model_dir / PROTOTYPES)
+        return self._prototypes
+
+    def check_cache(self, cache: FeatureCache) -> None:
+        """Refuse features made with another backbone, weights or geometry than the model was trained on."""
+        # Dihedral views are a training-time augmentation: predicting from a cache without them is fine.
+        diff = settings_diff(self.config["cache_settings"], cache.settings, ignore=frozenset({"augment"}))
+        if diff:
+            raise CacheMismatchError(
+                f"Cache {cache.root} does not match model {self.model_dir}:\n  - " + "\n  - ".join(diff)
+                + "\nExtract these samples with the model's backbone and settings (see its config.json)."
+            )
+
+    def predict(self, feats: SpotFeatures, retrieval: RetrievalSettings | None) -> dict[str, Any]:
+        """Predictions and, for retrieval, neighbour indices/similarities and prototype groups."""
+        regressed = self.head.predict(feats) if (retrieval is None or retrieval.blend < 1.0) else None
+        out: dict[str, Any] = {"X": regressed}
+        if retrieval is not None:
+            self.bank()  # fails first with the reason when the model has no reference bank
+        query = self.head.embed_image(feats) if (retrieval is not None or self.prototypes() is not None) else None
+        if retrieval is not None:
+            from genedml.retrieval import retrieve_predict
+
+            if query is None:
+                raise ModelDirError(f"head '{self.config['model']}' has no image embedding to query the bank with.")
+            bank, index = self.bank()
+            result = retrieve_predict(bank, index, query, retrieval.k, retrieval.weighting, retrieval.tau, retrieval.blend, regressed)
+            out.update(X=result.prediction, knn_index=result.neighbor_idx, knn_similarity=result.similarity)
+        protos = self.prototypes()
+        if protos is not None and query is not None:
+            out["group"] = protos.assign(query)
+        if out["X"] is None:
+            out["X"] = self.head.predict(feats)
+        return out
+
+    def provenance(self, retrieval: RetrievalSettings | None) -> dict[str, Any]:
+        cs = self.config["cache_settings"]
+        return {
+            "model_dir": str(self.model_dir.resolve()),
+            "model": self.config["model"],
+            "backbone": cs.get("backbone"),
+            "weights": cs.get("weights"),
+            "random_init": cs.get("weights") == "random-init",
+            "note": "random-init backbone: not a biology result" if cs.get("weights") == "random-init" else "",
+            "mode": "regression" if retrieval is None else ("retrieval" if retrieval.blend == 1.0 else "blend"),
+            "retrieval": asdict(retrieval) if retrieval else None,
+            "targets": self.targets.to_dict() | {"panel": None},
+            "scale": f"normalised: library size to {self.targets.target_sum:g} over {self.targets.normalize_over}, then {self.targets.log}"
+            + (", 3x3 smoothed" if self.targets.smooth else ""),
+        }
+
+
+def write_prediction(path: Path, sample_id: str, barcodes: np.ndarray, centers: np.ndarray, genes: Sequence[str], pred: dict[str, Any], provenance: dict[str, Any]) -> Path:
+    """One AnnData per sample: X = prediction, obs_names = barcodes, obsm['spatial'] = centres."""
+    import anndata as ad
+    import pandas as pd
+
+    obs = pd.DataFrame(index=pd.Index(np.asarray(barcodes).astype(str), name="barcode"))
+    obs["sample_id"] = sample_id
+    if "group" in pred:
+        obs["genedml_group"] = pd.Categorical(pred["group"].astype(str))
+    adata = ad.AnnData(X=np.asarray(pred["X"], dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), name="gene")))
+    adata.obsm["spatial"] = np.asarray(centers, dtype=np.float64)
+    if "knn_index" in pred:
+        adata.obsm["knn_index"] = np.asarray(pred["knn_index"], dtype=np.int64)
+        adata.obsm["knn_similarity"] = np.asarray(pred["knn_similarity"], dtype=np.float32)
+    adata.uns["genedml"] = _h5_safe(provenance | {"sample_id": sample_id})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.h5ad")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _h5_safe(value: Any) -> Any:
+    """anndata's uns writer rejects None: drop None entries, recurse into dicts."""
+    if isinstance(value, dict):
+        return {k: _h5_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_h5_safe(v) for v in value if v is not None]
+    return value
+
+
+def predict_cache(
+    model_dir: str | Path, cache_dir: str | Path, out: str | Path, *, samples: Sequence[str] | None = None, retrieval: RetrievalSettings | None = None
+) -> list[Path]:
+    """Predict every requested cached sample; one `<sample>.h5ad` per sample in `out`."""
+    predictor = Predictor(model_dir)
+    cache = FeatureCache(cache_dir)
+    predictor.check_cache(cache)
+    ids = list(samples or cache.samples())
+    provenance = predictor.provenance(retrieval)
+    if provenance["random_init"]:
+        log.warning("predictions come from a random-init backbone: not a biology result")
+    paths = []
+    for sample_id in ids:
+        feats = load_spot_features(cache, [sample_id], with_aug=False)
+        centers = cache.read(sample_id, names=["centers"]).arrays["centers"]
+        pred = predictor.predict(feats, retrieval)
+        paths.append(write_prediction(Path(out) / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, provenance))
+    return paths
+
+
+def predict_slide(model_dir: str | Path, slide: str | Path, out: str | Path, **kwargs: Any) -> list[Path]:
+    """Whole-slide prediction for an image without sequencing (see `genedml.slide`)."""
+    from genedml.slide import predict_slide as run
+
+    return run(Predictor(model_dir), slide, out, **kwargs)

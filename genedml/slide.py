@@ -1,0 +1,136 @@
+"""Prediction on a slide without sequencing: tissue detection, virtual spots, extraction, maps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from genedml.data.image import RegionReader, open_image
+from genedml.data.sample import Sample
+from genedml.errors import InputError
+
+log = logging.getLogger("genedml")
+THUMBNAIL_SIDE = 2048
+
+
+def thumbnail(image: RegionReader, max_side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, float]:
+    """A downsampled RGB view and its scale (thumbnail px per level-0 px), read in row strips."""
+    step = max(1, int(np.ceil(max(image.width, image.height) / max_side)))
+    strip = step * max(1, 4096 // step)
+    rows = []
+    for y in range(0, image.height, strip):
+        h = min(strip, image.height - y)
+        rows.append(image.read_region(0, y, image.width, h).pixels[::step, ::step])
+    return np.concatenate(rows, axis=0), 1.0 / step
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of values in [0, 1] (256 bins)."""
+    hist, edges = np.histogram(values, bins=256, range=(0.0, 1.0))
+    p = hist.astype(float) / max(1, hist.sum())
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * edges[:-1])
+    between = (mu[-1] * w0 - mu) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return float(edges[int(np.argmax(between))])
+
+
+TISSUE_SATURATION = 0.1  # stained tissue is above this; glass and white background are below ~0.05
+
+
+def tissue_mask(rgb: np.ndarray) -> np.ndarray:
+    """Tissue = pixels whose HSV saturation is above Otsu's threshold (background glass is grey/white).
+
+    Otsu assumes two populations; on a crop that is all tissue it would split stroma from nuclei, so the
+    threshold is capped at a saturation every H&E stain exceeds.
+    """
+    x = rgb.astype(np.float32) / 255.0
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    return saturation > min(otsu_threshold(saturation), TISSUE_SATURATION)
+
+
+def virtual_spots(image: RegionReader, mpp: float, pitch_um: float, min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (level-0 px) of a square grid at `pitch_um` over tissue, and their (col, row) grid positions."""
+    thumb, scale = thumbnail(image)
+    mask = tissue_mask(thumb)
+    pitch_px = pitch_um / mpp
+    xs = np.arange(pitch_px / 2, image.width, pitch_px)
+    ys = np.arange(pitch_px / 2, image.height, pitch_px)
+    gx, gy = np.meshgrid(np.arange(len(xs)), np.arange(len(ys)))
+    centers = np.stack([xs[gx.ravel()], ys[gy.ravel()]], axis=1)
+    # Fraction of tissue in the spot's cell of the thumbnail grid.
+    half = max(1, int(round(pitch_px * scale / 2)))
+    cx = np.clip((centers[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)
+    cy = np.clip((centers[:, 1] * scale).astype(int), 0, mask.shape[0] - 1)
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    x0, x1 = np.clip(cx - half, 0, mask.shape[1]), np.clip(cx + half, 0, mask.shape[1])
+    y0, y1 = np.clip(cy - half, 0, mask.shape[0]), np.clip(cy + half, 0, mask.shape[0])
+    area = np.maximum(1, (x1 - x0) * (y1 - y0))
+    tissue = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+    keep = tissue >= min_tissue
+    if not keep.any():
+        raise InputError(f"No tissue found on {image.path} (Otsu on saturation); is it an H&E slide?")
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)[keep]
+    return centers[keep], grid
+
+
+def predict_slide(
+    predictor: Any,
+    slide: str | Path,
+    out: str | Path,
+    *,
+    mpp: float | None,
+    pitch_um: float | None = None,
+    genes: Sequence[str] | None = None,
+    retrieval: Any = None,
+    weights: Path | None = None,
+    device: str = "auto",
+) -> list[Path]:
+    """Detect tissue, tile virtual spots, extract with the model's backbone settings, predict, map genes."""
+    from genedml.backbones import load_backbone
+    from genedml.cache.spots import load_spot_features
+    from genedml.cache.store import FeatureCache
+    from genedml.extract.runner import ExtractSettings, run_extraction
+    from genedml.plots import expression_map
+    from genedml.predict import write_prediction
+
+    if mpp is None or mpp <= 0:
+        raise InputError(f"--mpp (µm per pixel of {slide}) is required for a slide without metadata, e.g. --mpp 0.5.")
+    image = open_image(slide)
+    cs = predictor.config["cache_settings"]
+    pitch = pitch_um or float(predictor.config.get("spot_pitch_um") or 100.0)
+    centers, grid = virtual_spots(image, mpp, pitch)
+    sample_id = Path(slide).stem
+    barcodes = np.array([f"{c}x{r}" for c, r in grid])
+    sample = Sample(sample_id, sample_id, mpp, barcodes, centers, image, array_coords=grid, source="slide")
+    log.info("%s: %d virtual spots at %.1f µm pitch over detected tissue", sample_id, len(centers), pitch)
+
+    from genedml.extract.runner import resolve_device
+
+    random_init = cs.get("weights") == "random-init"
+    backbone = load_backbone(cs["backbone"], weights=weights, random_init=random_init, device=str(resolve_device(device)))
+    settings = ExtractSettings(
+        patch_px=int(cs["patch_px"]), mpp_target=cs.get("mpp_target"), scales=tuple(cs["scales"]),
+        neighbor_mode=cs.get("neighbor_mode") or "lattice", local_tokens=cs["local_tokens"], augment=None,
+        dtype=cs["dtype"], device=device,
+    )
+    out = Path(out)
+    cache = FeatureCache(out / "features", settings.cache_settings(backbone.provenance()))
+    predictor.check_cache(cache)  # refuses other weights (hash) than the model was trained with
+    run_extraction([sample], backbone, cache.root, settings, overwrite=True)
+    feats = load_spot_features(cache, [sample_id], with_aug=False)
+    pred = predictor.predict(feats, retrieval)
+    paths = [write_prediction(out / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, predictor.provenance(retrieval))]
+    wanted = list(genes or predictor.targets.heg[:6] or predictor.genes[:6])
+    unknown = [g for g in wanted if g not in predictor.genes]
+    if unknown:
+        raise InputError(f"Genes {unknown} are not in the model's panel ({len(predictor.genes)} genes).")
+    thumb, scale = thumbnail(image)
+    note = predictor.provenance(retrieval)["note"] or None
+    for gene in wanted:
+        values = pred["X"][:, predictor.genes.index(gene)]
+        paths.append(expression_map(centers, values, out / f"{sample_id}_{gene}.png", gene, image_thumbnail=thumb, scale=scale, note=note))
+    return paths

@@ -1,0 +1,351 @@
+"""Heads on synthetic features: switches, masks, PEG order, learning a known signal, determinism, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from genedml.errors import ConfigError, InputError
+from genedml.heads import HEADS, accepted_settings, load_head, make_head
+from genedml.heads.batch import BatchMaker
+from genedml.heads.features import SpotFeatures
+from genedml.heads.layers import PEG, GlobalEncoder, NeighborEncoder
+
+SMALL = dict(dim=32, neighbor_depth=1, neighbor_heads=2, neighbor_mlp_ratio=2, global_depth=2, global_heads=2,
+             global_mlp_ratio=2, groups=4)
+TRAIN = dict(lr=2e-3, batch_size=64, epochs=25, patience=10, device="cpu")
+SETTINGS: dict[str, dict[str, Any]] = {
+    "genedml": {**SMALL, **TRAIN},
+    "triplex": {**SMALL, **TRAIN},
+    "bleep": {"proj_dim": 32, **TRAIN},
+    "ridge": {},
+    "ridge-cv": {},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Tiny matrices: one thread avoids the synchronisation cost that dominates on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic(n_slides: int = 4, side: int = 10, dim: int = 16, genes: int = 8, seed: int = 0):
+    """Spots on square grids; a smooth latent field drives features and, nonlinearly, expression.
+
+    Y = tanh(latent at the spot · W1) + 0.7·tanh(mean latent of its 3x3 neighbourhood · W2): part of the signal
+    is visible only through the neighbour tiles. Off-grid tiles are masked and hold large random junk.
+    """
+    rng = np.random.default_rng(seed)
+    mix, w_local, w_nb = rng.normal(size=(4, dim)), rng.normal(size=(4, genes)), rng.normal(size=(4, genes))
+    local, tiles, masks, ys, slides, grids = [], [], [], [], [], []
+    offsets = np.arange(-2, 3)
+    for s in range(n_slides):
+        z = rng.normal(size=(side + 4, side + 4, 4))
+        z = (z + np.roll(z, 1, 0) + np.roll(z, 1, 1)) / np.sqrt(3)
+        feat = z @ mix + 0.3 * rng.normal(size=z.shape[:2] + (dim,))
+        for r in range(side):
+            for c in range(side):
+                rr, cc = r + 2, c + 2
+                block = feat[rr - 2 : rr + 3, cc - 2 : cc + 3].reshape(25, dim).copy()
+                valid = ((0 <= r + offsets[:, None]) & (r + offsets[:, None] < side)
+                         & (0 <= c + offsets[None, :]) & (c + offsets[None, :] < side)).ravel()
+                block[~valid] = 5 * rng.normal(size=(int((~valid).sum()), dim))
+                around = z[rr - 1 : rr + 2, cc - 1 : cc + 2].reshape(9, 4).mean(0)
+                ys.append(np.tanh(z[rr, cc] @ w_local) + 0.7 * np.tanh(around @ w_nb))
+                local.append(np.stack([feat[rr, cc], feat[rr, cc] + 0.1 * rng.normal(size=dim)]))
+                tiles.append(block), masks.append(valid), slides.append(s), grids.append((c, r))
+    local_arr = np.asarray(local, np.float32)
+    n = len(ys)
+    feats = SpotFeatures(
+        local=local_arr,
+        slide=np.asarray(slides),
+        grid=np.asarray(grids),
+        sample_ids=[f"slide{i}" for i in range(n_slides)],
+        barcodes=np.array([f"spot{i}" for i in range(n)]),
+        local_aug=(local_arr[:, None] + 0.05 * rng.normal(size=(n, 8) + local_arr.shape[1:])).astype(np.float32),
+        neighbor=np.asarray(tiles, np.float32),
+        neighbor_mask=np.asarray(masks),
+    )
+    return feats, np.asarray(ys, np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    feats, y = synthetic()
+    train, val = np.flatnonzero(feats.slide < 3), np.flatnonzero(feats.slide == 3)
+    return {"feats": feats, "y": y, "train": feats.take(train), "y_train": y[train],
+            "val": feats.take(val), "y_val": y[val]}
+
+
+def pcc(pred: np.ndarray, y: np.ndarray) -> float:
+    """Mean over genes of np.corrcoef (independent of the package's own metric)."""
+    return float(np.mean([np.corrcoef(pred[:, j], y[:, j])[0, 1] for j in range(y.shape[1])]))
+
+
+@pytest.fixture(scope="module")
+def fitted(data: dict[str, Any]) -> dict[str, Any]:
+    heads = {}
+    for name, settings in SETTINGS.items():
+        head = make_head(name, **settings)
+        head.fit(data["train"], data["y_train"], data["val"], data["y_val"])
+        heads[name] = head
+    return heads
+
+
+def one_batch_parts(settings: dict[str, Any], data: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """Build a genedml model for `settings` and run one training batch with backward."""
+    head = make_head("genedml", **{**SMALL, **TRAIN, **settings})
+    torch.manual_seed(0)
+    head.model = head.build(data["train"].dim, data["y_train"].shape[1])
+    head.model.train()
+    batch = BatchMaker(data["train"], "cpu", head.needs_neighbor()).make(np.arange(40), torch.Generator().manual_seed(0))
+    loss, parts = head.batch_loss(batch, torch.from_numpy(data["y_train"][:40]))
+    loss.backward()
+    return head.model, parts
+
+
+# -------------------------------------------------------------------------------------------- switches
+
+
+def test_full_model_has_every_loss_part_and_no_dead_parameters(data: dict[str, Any]) -> None:
+    model, parts = one_batch_parts({}, data)
+    assert {"regression", "instance", "group"} <= set(parts)
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+@pytest.mark.parametrize(
+    "settings, absent_parts, absent_modules",
+    [
+        ({"instance": False}, {"instance"}, set()),
+        ({"group": False}, {"group"}, {"cluster_head"}),
+        ({"instance": False, "group": False}, {"instance", "group"}, {"cluster_head", "gene_encoder"}),
+        ({"scales": ("local", "global")}, set(), {"neighbor_encoder"}),
+        ({"scales": ("local", "neighbor")}, set(), {"global_encoder"}),
+    ],
+)
+def test_ablation_switches_remove_terms_and_parameters(
+    data: dict[str, Any], settings: dict, absent_parts: set, absent_modules: set
+) -> None:
+    model, parts = one_batch_parts(settings, data)
+    assert not absent_parts & set(parts)
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert not absent_modules & names
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []  # what remains is all trained
+
+
+def test_instance_off_means_no_retrieval_embedding(data: dict[str, Any]) -> None:
+    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 1, "instance": False})
+    head.fit(data["train"], data["y_train"])
+    assert head.embed_image(data["val"]) is None
+    assert head.embed_genes(data["y_val"]) is not None  # the group pathway still has a gene encoder
+
+
+def test_local_only_ignores_neighbour_and_global_inputs(data: dict[str, Any]) -> None:
+    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 1, "scales": ("local",)})
+    head.fit(data["train"], data["y_train"])
+    val = data["val"]
+    before = head.predict(val)
+    val2 = val.take(np.arange(len(val)))
+    val2.neighbor = val.neighbor + 1.0
+    val2.slide_tokens = {k: v + 1.0 for k, v in val.slide_tokens.items()}
+    np.testing.assert_array_equal(head.predict(val2), before)
+
+
+def test_triplex_objective_has_distillation_and_no_contrastive_terms(data: dict[str, Any]) -> None:
+    head = make_head("triplex", **{**SMALL, **TRAIN, "epochs": 1})
+    history = head.fit(data["train"], data["y_train"])
+    parts = set(history["epochs"][0])
+    assert {"fusion", "branch", "distill"} <= parts and not {"instance", "group"} & parts
+    assert head.embed_image(data["val"]) is None and head.embed_genes(data["y_val"]) is None
+
+
+def test_group_pathway_runs_in_cld_form_with_k_above_batch(data: dict[str, Any]) -> None:
+    _, parts = one_batch_parts({"group_form": "cld", "groups": 1000}, data)
+    assert np.isfinite(parts["group"])
+
+
+# ------------------------------------------------------------------------------------------- encoders
+
+
+def test_peg_returns_tokens_in_input_order() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cells = torch.randperm(49, generator=gen)[:30]
+    grid = torch.stack([cells % 7, cells // 7], dim=1)
+    tokens = torch.randn(30, 8, generator=gen)
+    torch.manual_seed(0)
+    peg, encoder = PEG(8), GlobalEncoder(8, depth=2, heads=2).eval()
+    perm = torch.randperm(30, generator=gen)
+    torch.testing.assert_close(peg(tokens[perm], grid[perm]), peg(tokens, grid)[perm])
+    torch.testing.assert_close(encoder(tokens[perm], grid[perm]), encoder(tokens, grid)[perm])
+
+
+def test_peg_mixes_only_grid_neighbours() -> None:
+    grid = torch.tensor([[0, 0], [1, 0], [5, 5]])
+    tokens = torch.randn(3, 4)
+    peg = PEG(4)
+    moved = tokens.clone()
+    moved[2] += 10.0  # far away on the grid: must not change spots 0 and 1
+    torch.testing.assert_close(peg(moved, grid)[:2], peg(tokens, grid)[:2])
+    moved = tokens.clone()
+    moved[1] += 10.0  # adjacent to spot 0
+    assert not torch.allclose(peg(moved, grid)[0], peg(tokens, grid)[0])
+
+
+def test_peg_rejects_pixel_coordinates() -> None:
+    with pytest.raises(InputError, match="array"):
+        PEG(2)(torch.randn(2, 2), torch.tensor([[0, 0], [9000, 9000]]))
+
+
+def test_neighbour_mask_hides_masked_tiles() -> None:
+    torch.manual_seed(0)
+    enc = NeighborEncoder(8, depth=2, heads=2, mlp_ratio=2).eval()
+    with torch.no_grad():
+        enc.rel_bias.normal_()
+    tiles = torch.randn(3, 25, 8)
+    valid = torch.rand(3, 25) > 0.4
+    valid[:, 12] = True
+    changed = tiles.clone()
+    changed[~valid] = torch.randn(int((~valid).sum()), 8) * 100
+    out, out2 = enc(tiles, valid), enc(changed, valid)
+    torch.testing.assert_close(out[valid], out2[valid])
+    unmasked = enc(changed, torch.ones_like(valid))
+    assert not torch.allclose(unmasked[valid], out[valid])  # the mask is what makes the difference
+    assert torch.isfinite(enc(tiles, torch.zeros_like(valid))).all()  # all-masked rows stay finite
+
+
+def test_neighbour_mask_hides_masked_tiles_in_full_model(fitted: dict, data: dict[str, Any]) -> None:
+    val = data["val"]
+    changed = val.take(np.arange(len(val)))
+    changed.neighbor = np.where(val.neighbor_mask[..., None], val.neighbor, -7.0).astype(np.float32)
+    assert not np.array_equal(changed.neighbor, val.neighbor)
+    np.testing.assert_allclose(fitted["genedml"].predict(changed), fitted["genedml"].predict(val), atol=1e-5)
+
+
+def test_global_scale_sees_the_whole_slide_for_a_subset(fitted: dict, data: dict[str, Any]) -> None:
+    val = data["val"]
+    rows = np.arange(0, len(val), 7)
+    np.testing.assert_allclose(fitted["genedml"].predict(val.take(rows)), fitted["genedml"].predict(val)[rows],
+                               atol=1e-5)
+
+
+def test_training_samples_one_dihedral_view_per_spot(data: dict[str, Any]) -> None:
+    feats = data["train"]
+    batch = BatchMaker(feats, "cpu").make(np.arange(50), torch.Generator().manual_seed(1))
+    local = batch.local.numpy()
+    views = [int(np.flatnonzero([np.array_equal(local[i], feats.local_aug[i, v]) for v in range(8)])[0])
+             for i in range(50)]
+    assert len(set(views)) > 3
+    eval_batch = BatchMaker(feats, "cpu").make(np.arange(50))
+    np.testing.assert_array_equal(eval_batch.local.numpy(), feats.local[:50])
+
+
+def test_missing_neighbour_features_raise(data: dict[str, Any]) -> None:
+    feats = data["train"].take(np.arange(10))
+    feats.neighbor = None
+    with pytest.raises(InputError, match="neighbour"):
+        make_head("genedml", **{**SMALL, **TRAIN, "epochs": 1}).fit(feats, data["y_train"][:10])
+
+
+def test_unknown_setting_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="neighbour_depth"):
+        make_head("genedml", neighbour_depth=2)
+    with pytest.raises(ConfigError, match="unknown head"):
+        make_head("nope")
+
+
+def test_accepted_settings_match_the_shared_flag_names() -> None:
+    assert {"scales", "instance", "group", "groups", "lambda_group", "tau", "tau_group", "group_form",
+            "epochs", "patience", "batch_size", "lr", "seed"} <= accepted_settings("genedml")
+    assert "tau" not in accepted_settings("bleep") and "temperature" in accepted_settings("bleep")
+    assert {"alpha", "seed"} <= accepted_settings("ridge") and "epochs" not in accepted_settings("ridge")
+
+
+# ----------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("name", ["genedml", "triplex", "ridge", "ridge-cv", "bleep"])
+def test_heads_learn_nonlinear_synthetic_signal(fitted: dict, data: dict[str, Any], name: str) -> None:
+    assert pcc(fitted[name].predict(data["val"]), data["y_val"]) > 0.5
+
+
+def test_shuffled_targets_control_stays_near_zero(data: dict[str, Any]) -> None:
+    shuffled = data["y_train"][np.random.default_rng(3).permutation(len(data["y_train"]))]
+    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 10})
+    head.fit(data["train"], shuffled)  # no validation: nothing to select a lucky epoch with
+    # Chance spread on 100 spots x 8 correlated genes is about ±0.2; real learning gives > 0.8.
+    assert abs(pcc(head.predict(data["val"]), data["y_val"])) < 0.35
+
+
+def test_history_and_progress(data: dict[str, Any]) -> None:
+    calls = []
+    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 2})
+    history = head.fit(data["train"], data["y_train"], data["val"], data["y_val"],
+                       progress=lambda e, parts, p: calls.append((e, set(parts), p)))
+    assert [c[0] for c in calls] == [0, 1] and {"loss", "regression", "instance", "group"} <= calls[0][1]
+    assert history["best_epoch"] in (0, 1) and history["seconds"] > 0
+    assert history["best_val_pcc"] == max(c[2] for c in calls)
+
+
+def test_embeddings_are_unit_norm(fitted: dict, data: dict[str, Any]) -> None:
+    for name in ("genedml", "bleep"):
+        img, genes = fitted[name].embed_image(data["val"]), fitted[name].embed_genes(data["y_val"])
+        assert img.shape == genes.shape == (len(data["val"]), img.shape[1])
+        np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(genes, axis=1), 1.0, rtol=1e-5)
+    u = fitted["genedml"].cluster_space(data["val"])
+    v = fitted["genedml"].cluster_space(data["y_val"])
+    assert u.shape == v.shape and fitted["ridge"].embed_image(data["val"]) is None
+
+
+def test_ridge_matches_sklearn_pipeline(fitted: dict, data: dict[str, Any]) -> None:
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = data["train"].local[:, 0].astype(np.float64)
+    n_comp = min(256, *x.shape)
+    alpha = 100 / (n_comp * data["y_train"].shape[1])
+    pipe = make_pipeline(StandardScaler(), PCA(n_comp, svd_solver="full"), Ridge(alpha=alpha, fit_intercept=False))
+    pipe.fit(x, data["y_train"])
+    expected = pipe.predict(data["val"].local[:, 0].astype(np.float64))
+    np.testing.assert_allclose(fitted["ridge"].predict(data["val"]), expected, rtol=1e-4, atol=1e-4)
+    assert fitted["ridge"].history["alpha"] == pytest.approx(alpha)
+
+
+def test_ridge_cv_tunes_alpha_over_slides(fitted: dict) -> None:
+    history = fitted["ridge-cv"].history
+    assert history["cv"].startswith("GroupKFold(3)")
+    assert history["alpha"] == history["cv_alphas"][int(np.argmax(history["cv_pcc"]))]
+
+
+# --------------------------------------------------------------------------------- reproducibility
+
+
+def test_fit_twice_gives_identical_predictions(data: dict[str, Any]) -> None:
+    preds = []
+    for _ in range(2):
+        head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 3})
+        head.fit(data["train"], data["y_train"], data["val"], data["y_val"])
+        preds.append(head.predict(data["val"]))
+    np.testing.assert_array_equal(preds[0], preds[1])
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_save_load_gives_identical_predictions(fitted: dict, data: dict[str, Any], name: str, tmp_path: Path) -> None:
+    head = fitted[name]
+    head.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "model.safetensors"]
+    for loaded in (HEADS[name].load(tmp_path), load_head(tmp_path)):
+        assert type(loaded) is type(head) and loaded.config() == head.config()
+        np.testing.assert_array_equal(loaded.predict(data["val"]), head.predict(data["val"]))
+    assert make_head(name, **head.config()).config() == head.config()

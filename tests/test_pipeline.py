@@ -1,0 +1,138 @@
+"""End to end on synthetic tissue: extract → fit → predict (regression, retrieval) → evaluate → cv."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from genedml.backbones import load_backbone
+from genedml.cache import FeatureCache
+from genedml.cv import CVSettings, make_folds, run_cv
+from genedml.data import read_samples
+from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
+from genedml.errors import CacheMismatchError, ModelDirError
+from genedml.evaluate import evaluate_dir
+from genedml.extract.runner import ExtractSettings, run_extraction
+from genedml.fit import FitSettings, fit_model, split_samples
+from genedml.predict import Predictor, RetrievalSettings, predict_cache
+
+FAST_HEAD = {"epochs": 40, "patience": 40, "batch_size": 32, "lr": 1e-3, "dim": 128}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    samples = make_synthetic_dataset(n_samples=4, n_patients=2, seed=3, grid=(9, 9), n_genes=30)
+    data = write_synthetic_dataset(root / "data", samples)
+    backbone = load_backbone("he-stats")
+    settings = ExtractSettings(patch_px=112, mpp_target=1.0, augment="dihedral", batch_size=64)
+    run_extraction(read_samples(data), backbone, root / "cache", settings)
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def genedml_model(dataset):
+    root, data = dataset
+    fs = FitSettings(model="genedml", genes=24, train_samples=["SYN0", "SYN1"], val_samples=["SYN2"], head=dict(FAST_HEAD, groups=6))
+    return fit_model(root / "cache", data, root / "model_genedml", fs)
+
+
+def test_split_is_by_sample_and_deterministic():
+    train, val = split_samples(["a", "b", "c", "d", "e"], None, None, 0.4, seed=1)
+    assert sorted(train + val) == ["a", "b", "c", "d", "e"] and len(val) == 2
+    assert split_samples(["a", "b", "c", "d", "e"], None, None, 0.4, seed=1) == (train, val)
+    assert split_samples(["a", "b"], ["a"], ["b"], 0.2, 0) == (["a"], ["b"])
+
+
+def test_fit_writes_a_complete_model_dir(genedml_model):
+    out = genedml_model.model_dir
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights"] == "not-learned" and config["train_samples"] == ["SYN0", "SYN1"]
+    assert config["val_samples"] == ["SYN2"] and len(config["genes"]) == 24
+    for name in ("targets.json", "head/head.json", "bank/index.faiss", "prototypes.safetensors", "curve.json", "curve.png"):
+        assert (out / name).is_file(), name
+    assert genedml_model.history["best_val_pcc"] > 0.2
+
+
+def test_predict_regression_and_retrieval_write_documented_anndata(dataset, genedml_model, tmp_path):
+    root, data = dataset
+    model = genedml_model.model_dir
+    (reg,) = predict_cache(model, root / "cache", tmp_path / "reg", samples=["SYN3"])
+    (ret,) = predict_cache(model, root / "cache", tmp_path / "ret", samples=["SYN3"], retrieval=RetrievalSettings(k=10, weighting="softmax"))
+    a, b = ad.read_h5ad(reg), ad.read_h5ad(ret)
+    assert a.shape == (81, 24) and list(a.var_names) == json.loads((model / "config.json").read_text())["genes"]
+    assert a.obs_names[0] == FeatureCache(root / "cache").read("SYN3").barcodes[0]
+    assert a.obsm["spatial"].shape == (81, 2)
+    assert b.obsm["knn_index"].shape == (81, 10) and b.obsm["knn_similarity"].shape == (81, 10)
+    assert np.all(np.diff(b.obsm["knn_similarity"], axis=1) <= 1e-6)  # sorted by similarity
+    assert "genedml_group" in a.obs and a.uns["genedml"]["mode"] == "regression" and b.uns["genedml"]["mode"] == "retrieval"
+    assert b.uns["genedml"]["retrieval"]["k"] == 10
+    assert not np.allclose(a.X, b.X)
+    # blend 0 is the regression output, blend 1 the retrieval output
+    (b0,) = predict_cache(model, root / "cache", tmp_path / "b0", samples=["SYN3"], retrieval=RetrievalSettings(k=10, weighting="softmax", blend=0.0))
+    np.testing.assert_allclose(ad.read_h5ad(b0).X, a.X, atol=1e-6)
+
+
+def test_model_round_trip_gives_identical_predictions(dataset, genedml_model):
+    root, _ = dataset
+    from genedml.cache.spots import load_spot_features
+
+    feats = load_spot_features(FeatureCache(root / "cache"), ["SYN3"], with_aug=False)
+    p1 = Predictor(genedml_model.model_dir).predict(feats, None)["X"]
+    p2 = Predictor(genedml_model.model_dir).predict(feats, None)["X"]
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_evaluate_writes_metrics_and_figures(dataset, genedml_model, tmp_path):
+    root, data = dataset
+    predict_cache(genedml_model.model_dir, root / "cache", tmp_path / "pred", samples=["SYN3"])
+    metrics = evaluate_dir(tmp_path / "pred", data, tmp_path / "eval")
+    for name in ("metrics.json", "per_gene.csv", "pcc_distribution.png", "maps_SYN3.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    assert metrics["per_slide_mean"]["pcc_acg"] > 0.2  # he-stats features carry the synthetic signal
+
+
+def test_ridge_has_no_bank_and_retrieval_is_refused_with_reason(dataset, tmp_path):
+    root, data = dataset
+    fs = FitSettings(model="ridge", genes=24, train_samples=["SYN0", "SYN1"], val_samples=["SYN2"])
+    result = fit_model(root / "cache", data, tmp_path / "ridge", fs)
+    with pytest.raises(ModelDirError, match="no gene embedding"):
+        predict_cache(result.model_dir, root / "cache", tmp_path / "p", samples=["SYN3"], retrieval=RetrievalSettings(k=5))
+
+
+def test_predict_refuses_a_cache_from_another_backbone(dataset, genedml_model, tmp_path):
+    root, data = dataset
+    other = load_backbone("tiny-vit", random_init=True)
+    run_extraction(read_samples(data, samples=["SYN3"]), other, tmp_path / "other", ExtractSettings(patch_px=112, mpp_target=1.0))
+    with pytest.raises(CacheMismatchError, match="backbone"):
+        predict_cache(genedml_model.model_dir, tmp_path / "other", tmp_path / "p")
+
+
+def test_fit_refuses_unexpected_backbone(dataset, tmp_path):
+    root, data = dataset
+    with pytest.raises(CacheMismatchError, match="he-stats"):
+        fit_model(root / "cache", data, tmp_path / "m", FitSettings(model="ridge", expect_backbone="uni"))
+
+
+def test_cv_by_patient_never_splits_a_patient(dataset):
+    _, data = dataset
+    samples = read_samples(data)
+    folds = make_folds(samples, "patient")
+    patient = {s.sample_id: s.patient_id for s in samples}
+    assert len(folds) == 2
+    for fold in folds:
+        assert not {patient[s] for s in fold["train"]} & {patient[s] for s in fold["test"]}
+
+
+def test_cv_compares_models_on_identical_folds(dataset, tmp_path):
+    root, data = dataset
+    settings = CVSettings(by="patient", models=["ridge", "genedml"], genes=24, epochs=5, head={"batch_size": 64, "lr": 1e-3, "groups": 6, "dim": 64})
+    summary = run_cv(data, root / "cache", tmp_path / "cv", settings)
+    assert set(summary["table"]) == {"ridge", "genedml"}
+    runs = json.loads((tmp_path / "cv" / "cv_runs.json").read_text())
+    folds = {v: [r["fold"] for r in runs if r["variant"] == v] for v in ("ridge", "genedml")}
+    assert folds["ridge"] == folds["genedml"]
+    assert "| ridge |" in summary["markdown"] and "test ['SYN0', 'SYN1']" in summary["markdown"]
