@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         results["extract_her2st"] = {"error": f"her2st folder not found: {a.her2st} (copy ../shared/data/her2st into .gpu_data/her2st and carry it)"}
 
     _section(results, "raw_after", lambda: raw_throughput(backbone, settings.batch_size, n_raw, device))
-    del backbone
+    backbone = None  # free the model before the FAISS section
     if device.type == "cuda":
         torch.cuda.empty_cache()
     _section(results, "retrieval", lambda: retrieval_benchmark(pick(a.bank, 1_000_000, 2000), a.dim, pick(a.queries, 10_000, 100), a.k, device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +16,8 @@ from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
 from genedml.errors import InputError
 from genedml.evaluate import score
-from genedml.fit import FitSettings, fit_model, targets_for_cache
+from genedml.fit import FitSettings, fit_model
+from genedml.targets import targets_at
 from genedml.predict import Predictor, RetrievalSettings
 
 log = logging.getLogger("genedml")
@@ -145,7 +146,7 @@ def evaluate_fold(model_dir: Path, cache: FeatureCache, test_ids: list[str], sam
     truth, preds = [], []
     for sample_id in test_ids:
         feats = load_spot_features(cache, [sample_id], with_aug=False)
-        truth.append(targets_for_cache(samples[sample_id], feats.barcodes, predictor.targets))
+        truth.append(targets_at(samples[sample_id], feats.barcodes, predictor.targets))
         preds.append(predictor.predict(feats, retrieval)["X"])
     metrics = score(truth, preds, test_ids, predictor.targets)
     flat = {k: metrics["per_slide_mean"][k] for k in METRICS}

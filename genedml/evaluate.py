@@ -9,11 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from genedml.data.sample import Sample
 from genedml.errors import InputError
 from genedml.metrics import evaluate_predictions
 from genedml.model_dir import read_targets
-from genedml.targets import TargetSpec, make_targets
+from genedml.targets import TargetSpec, targets_at
 
 N_MAPPED_GENES = 4
 
@@ -23,16 +22,6 @@ def _prediction_files(pred: Path) -> list[Path]:
     if not files or not all(f.is_file() for f in files):
         raise InputError(f"No prediction .h5ad found at {pred} (run `genedml predict` first).")
     return files
-
-
-def truth_for(sample: Sample, barcodes: np.ndarray, spec: TargetSpec) -> np.ndarray:
-    """Measured targets of `barcodes` (joined by barcode) on the model's panel and normalisation."""
-    values = make_targets(sample, spec)
-    row = {b: i for i, b in enumerate(sample.barcodes)}
-    missing = [b for b in barcodes if b not in row]
-    if missing:
-        raise InputError(f"{len(missing)} predicted spots of '{sample.sample_id}' are not in the data (e.g. {missing[:5]}).")
-    return values[np.array([row[b] for b in barcodes])]
 
 
 def score(truth: Sequence[np.ndarray], preds: Sequence[np.ndarray], sample_ids: Sequence[str], spec: TargetSpec) -> dict[str, Any]:
@@ -61,7 +50,7 @@ def evaluate_dir(
     for sample_id, adata in zip(ids, adatas):
         if list(adata.var_names) != spec.panel:
             raise InputError(f"Predictions for '{sample_id}' are not on the model's gene panel ({model_dir}).")
-        truth.append(truth_for(samples[sample_id], np.asarray(adata.obs_names), spec))
+        truth.append(targets_at(samples[sample_id], np.asarray(adata.obs_names), spec))
         preds.append(np.asarray(adata.X, dtype=np.float32))
     metrics = score(truth, preds, ids, spec)
     note = provenance.get("note") or None

@@ -19,7 +19,7 @@ from genedml.data.sample import Sample
 from genedml.errors import CacheMismatchError, InputError
 from genedml.heads.features import SpotFeatures
 from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, fit_prototypes
-from genedml.targets import TargetSpec, fit_targets, make_targets
+from genedml.targets import TargetSpec, fit_targets, targets_at
 
 log = logging.getLogger("genedml")
 
@@ -86,22 +86,9 @@ def split_samples(
     return train, val
 
 
-def targets_for_cache(sample: Sample, cached_barcodes: np.ndarray, spec: TargetSpec) -> np.ndarray:
-    """Targets in the cache's row order, joined by barcode; loud failure when spots do not match."""
-    values = make_targets(sample, spec)
-    row = {b: i for i, b in enumerate(sample.barcodes)}
-    missing = [b for b in cached_barcodes if b not in row]
-    if missing:
-        raise CacheMismatchError(
-            f"{len(missing)} of {len(cached_barcodes)} cached spots of '{sample.sample_id}' have no expression in the data "
-            f"(e.g. {missing[:5]}). Was the cache made from another version of this dataset? Re-extract with --overwrite."
-        )
-    return values[np.array([row[b] for b in cached_barcodes])]
-
-
 def load_split(cache: FeatureCache, samples: dict[str, Sample], ids: Sequence[str], spec: TargetSpec) -> tuple[SpotFeatures, np.ndarray]:
     feats = load_spot_features(cache, ids)
-    y = np.concatenate([targets_for_cache(samples[s], feats.barcodes[feats.slide == i], spec) for i, s in enumerate(ids)])
+    y = np.concatenate([targets_at(samples[s], feats.barcodes[feats.slide == i], spec) for i, s in enumerate(ids)])
     return feats, y
 
 

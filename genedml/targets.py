@@ -243,3 +243,21 @@ def fit_targets(
     spec.heg = [panel[i] for i in np.argsort(-pooled.mean(axis=0), kind="stable")[:top]]
     spec.hvg = [panel[i] for i in np.argsort(-pooled.var(axis=0), kind="stable")[:top]]
     return spec
+
+
+def targets_at(sample: Sample, barcodes: Sequence[str], spec: TargetSpec) -> np.ndarray:
+    """Targets of `barcodes` in that order, joined by barcode (never by row order).
+
+    Fails loudly when some spots have no expression in the sample, e.g. a cache or prediction made from
+    another version of the dataset.
+    """
+    values = make_targets(sample, spec)
+    row = {b: i for i, b in enumerate(sample.barcodes)}
+    missing = [b for b in barcodes if b not in row]
+    if missing:
+        raise InputError(
+            f"{len(missing)} of {len(barcodes)} spots of '{sample.sample_id}' have no expression in the data "
+            f"(e.g. {list(missing[:5])}). Were the features or predictions made from another version of this "
+            "dataset? Re-extract with --overwrite."
+        )
+    return values[np.array([row[b] for b in barcodes], dtype=np.int64)]

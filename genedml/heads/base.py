@@ -102,6 +102,17 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+def read_saved(head_cls: type["Head"], directory: str | Path) -> tuple[dict[str, Any], Path]:
+    """head.json of a saved head (checked to be of `head_cls`) and the path of its weights file."""
+    meta = read_head_json(directory)
+    if meta.get("head") != head_cls.name:
+        raise ModelDirError(f"{directory} holds a {meta.get('head')!r} head, not {head_cls.name!r}")
+    weights = Path(directory) / WEIGHTS
+    if not weights.is_file():
+        raise ModelDirError(f"{weights} not found; the model directory is incomplete")
+    return meta, weights
+
+
 def check_targets(feats: SpotFeatures, y: np.ndarray, what: str = "train") -> np.ndarray:
     """Targets as float32 (N, G) matching the features row for row."""
     y = np.asarray(y, dtype=np.float32)

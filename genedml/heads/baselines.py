@@ -23,7 +23,7 @@ from genedml.heads.base import (
     Head,
     Progress,
     check_targets,
-    read_head_json,
+    read_saved,
     register,
     split_settings,
     write_head_json,
@@ -155,13 +155,8 @@ class RidgeHead(Head):
 
     @classmethod
     def load(cls, directory: str | Path) -> "RidgeHead":
-        meta = read_head_json(directory)
-        if meta.get("head") != cls.name:
-            raise ModelDirError(f"{directory} holds a {meta.get('head')!r} head, not {cls.name!r}")
+        meta, weights = read_saved(cls, directory)
         head = cls(**meta["config"])
-        weights = Path(directory) / WEIGHTS
-        if not weights.is_file():
-            raise ModelDirError(f"{weights} not found; the model directory is incomplete")
         head.arrays = dict(load_arrays(str(weights)))
         head.history = meta.get("history", {})
         return head

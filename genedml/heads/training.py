@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genedml.errors import ModelDirError
-from genedml.heads.base import WEIGHTS, Head, Progress, check_targets, read_head_json, split_settings, write_head_json
+from genedml.heads.base import WEIGHTS, Head, Progress, check_targets, read_saved, split_settings, write_head_json
 from genedml.heads.batch import Batch, BatchMaker
 from genedml.heads.features import SpotFeatures
 
@@ -245,13 +245,8 @@ class NeuralHead(Head):
 
     @classmethod
     def load(cls, directory: str | Path) -> "NeuralHead":
-        meta = read_head_json(directory)
-        if meta.get("head") != cls.name:
-            raise ModelDirError(f"{directory} holds a {meta.get('head')!r} head, not {cls.name!r}")
+        meta, weights = read_saved(cls, directory)
         head = cls(**meta["config"])
-        weights = Path(directory) / WEIGHTS
-        if not weights.is_file():
-            raise ModelDirError(f"{weights} not found; the model directory is incomplete")
         model = head.build(head.model_cfg.in_dim, head.model_cfg.n_genes)
         model.register_buffer("input_mean", torch.zeros(head.model_cfg.in_dim))
         model.register_buffer("input_std", torch.ones(head.model_cfg.in_dim))

@@ -1,0 +1,111 @@
+"""Accuracy on the real HER2ST sections: methods and Gene-DML ablations on identical folds and features.
+
+Drives `genedml.cv.run_cv` (the same code as `genedml cv`) for each backbone, target smoothing and split
+family, then writes one JSON and one markdown table. Example (what benchmarks/RESULTS.md reports):
+
+    python benchmarks/accuracy_her2st.py --data ../shared/data/her2st --backbones timm:resnet18,he-stats \
+        --seeds 2021,2022,2023 --epochs 100 --head-option dim=128 --out benchmarks/results/accuracy_her2st
+
+With real weights: `--backbones uni --weights /path/to/uni/pytorch_model.bin` (drop `--head-option dim=128`
+on a GPU to use the paper's width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPLITS = {
+    # leave-one-section-out within patient C, and train C2–C6 → test B4 across patients
+    "loso-C": {"by": "sample", "samples": ["C2", "C3", "C4", "C5", "C6"], "test_samples": None},
+    "C→B4": {"by": "sample", "samples": ["B4", "C2", "C3", "C4", "C5", "C6"], "test_samples": ["B4"]},
+}
+MODELS = ["ridge", "ridge-cv", "bleep", "triplex", "genedml"]
+ABLATIONS = ["no-group", "no-instance", "no-global", "no-neighbor", "cld"]
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    import torch
+
+    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def ensure_cache(data: Path, backbone: str, weights: str | None, work: Path, table: Path) -> Path:
+    """One cache per backbone: local patch with dihedral views + lattice neighbourhood, native resolution, 224 px."""
+    from genedml.extract.distributed import run_extraction_distributed
+    from genedml.extract.runner import ExtractSettings
+
+    cache = work / f"cache_{backbone.replace(':', '_')}"
+    run_extraction_distributed(
+        data, backbone=backbone, weights=Path(weights) if weights else None, random_init=weights is None and backbone != "he-stats",
+        allow_download=False, cache_dir=cache, settings=ExtractSettings(augment="dihedral", workers=1), samples=None,
+        read_kwargs={"samples_table": table}, progress=False,
+    )
+    return cache
+
+
+def main(argv: list[str] | None = None) -> None:
+    from genedml.cv import CVSettings, run_cv
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "her2st")
+    ap.add_argument("--work", type=Path, default=HERE / "work")
+    ap.add_argument("--samples-table", type=Path, default=HERE / "her2st_samples.csv")
+    ap.add_argument("--backbones", default="timm:resnet18,he-stats")
+    ap.add_argument("--weights", default=None, help="weights for a single --backbones entry (omit: random-init)")
+    ap.add_argument("--splits", default=",".join(SPLITS))
+    ap.add_argument("--smooth", default="off,on", help="target smoothing settings to run: off, on or both")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--ablations", default=",".join(ABLATIONS))
+    ap.add_argument("--retrieve-k", type=int, default=50)
+    ap.add_argument("--blend", type=float, default=0.5)
+    ap.add_argument("--seeds", default="2021,2022,2023")
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--genes", type=int, default=250)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--head-option", action="append", default=[], help="KEY=VALUE head setting (repeatable)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "accuracy_her2st")
+    args = ap.parse_args(argv)
+
+    head = {"batch_size": args.batch_size, "lr": args.lr}
+    for item in args.head_option:
+        key, _, value = item.partition("=")
+        head[key] = json.loads(value)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "date": started, "machine": machine(), "runs": []}
+    md = []
+    for backbone in args.backbones.split(","):
+        t0 = time.perf_counter()
+        cache = ensure_cache(args.data, backbone, args.weights, args.work, args.samples_table)
+        for smooth in args.smooth.split(","):
+            for split in args.splits.split(","):
+                spec = SPLITS[split]
+                settings = CVSettings(
+                    by=spec["by"], models=args.models.split(","), ablations=[a for a in args.ablations.split(",") if a],
+                    samples=spec["samples"], test_samples=spec["test_samples"], genes=args.genes, smooth=smooth == "on",
+                    epochs=args.epochs, seeds=[int(s) for s in args.seeds.split(",")], retrieve_k=args.retrieve_k,
+                    blend=args.blend, head=head,
+                )
+                out = args.out / backbone.replace(":", "_") / f"smooth-{smooth}" / split
+                summary = run_cv(args.data, cache, out, settings, read_kwargs={"samples_table": args.samples_table})
+                results["runs"].append({"backbone": backbone, "smooth": smooth, "split": split, "summary": summary})
+                md.append(f"### {backbone} · smoothing {smooth} · {split}\n\n{summary['markdown']}")
+                print(md[-1], flush=True)
+        print(f"{backbone}: {time.perf_counter() - t0:.0f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    header = f"Command: `{results['command']}`  \nDate: {started}; machine: {results['machine']}\n\n"
+    (args.out / "results.md").write_text(header + "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
