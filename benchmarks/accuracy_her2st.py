@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 SPLITS = {
     # leave-one-section-out within patient C, and train C2–C6 → test B4 across patients
     "loso-C": {"by": "sample", "samples": ["C2", "C3", "C4", "C5", "C6"], "test_samples": None},
-    "C→B4": {"by": "sample", "samples": ["B4", "C2", "C3", "C4", "C5", "C6"], "test_samples": ["B4"]},
+    "C-to-B4": {"by": "sample", "samples": ["B4", "C2", "C3", "C4", "C5", "C6"], "test_samples": ["B4"]},
 }
 MODELS = ["ridge", "ridge-cv", "bleep", "triplex", "genedml"]
 ABLATIONS = ["no-group", "no-instance", "no-global", "no-neighbor", "cld"]

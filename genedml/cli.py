@@ -231,6 +231,7 @@ def fit(
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     seed: int = typer.Option(2021, help="Random seed."),
     expect_backbone: Optional[str] = typer.Option(None, help="Refuse a cache made with another backbone."),
+    index: str = typer.Option("flat", help="Retrieval index over the reference bank: flat (exact) or ivf (very large banks)."),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE, e.g. dim=128 or neighbor_depth=2 (repeatable)."),
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
     samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
@@ -242,7 +243,7 @@ def fit(
     settings = FitSettings(
         model=model, genes=genes, gene_select=gene_select, gene_list=gene_list, normalize_over=normalize_over, log=log,
         smooth=smooth, train_samples=_csv(train_samples), val_samples=_csv(val_samples), val_fraction=val_fraction,
-        seed=seed, expect_backbone=expect_backbone,
+        seed=seed, expect_backbone=expect_backbone, index=index,
         head={
             "scales": _csv(scales), "instance": not no_instance, "group": not no_group, "groups": groups,
             "lambda_group": lambda_group, "tau": tau, "tau_group": tau_group, "group_form": group_form,
@@ -347,7 +348,7 @@ def demo(
     out: Path = typer.Option(Path("genedml-demo"), "--out", help="Where the demo writes everything."),
     data: Optional[Path] = typer.Option(None, "--data", help="Run the chain on a real dataset folder instead of synthetic tissue."),
     backbone: str = typer.Option("tiny-cnn", help="Backbone for the demo (random-init)."),
-    epochs: int = typer.Option(60, help="Training epochs of the Gene-DML head."),
+    epochs: int = typer.Option(30, help="Training epochs of the Gene-DML head."),
     small: bool = typer.Option(False, help="A smaller, faster demo (used by the tests)."),
 ) -> None:
     """Synthetic tissue → extract → fit → predict (regression and retrieval) → evaluate → report."""

@@ -18,9 +18,8 @@ METRIC_KEYS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 def _make_synthetic(out: Path, small: bool) -> tuple[Path, Path]:
     from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 
-    n = 3 if small else 4
-    grid = (10, 10) if small else (14, 14)
-    samples = make_synthetic_dataset(n_samples=n, n_patients=2 if small else 2, seed=0, grid=grid, n_genes=40)
+    grid = (9, 9) if small else (14, 14)
+    samples = make_synthetic_dataset(n_samples=4, n_patients=2, seed=0, grid=grid, n_genes=40)
     folder = write_synthetic_dataset(out / "data", samples)
     return folder, folder / "samples.csv"
 
@@ -30,7 +29,7 @@ def run_demo(
     *,
     data: str | Path | None = None,
     backbone: str = "tiny-cnn",
-    epochs: int = 60,
+    epochs: int = 30,
     small: bool = False,
     samples_table: str | Path | None = None,
 ) -> str:

@@ -40,6 +40,7 @@ class FitSettings:
     val_fraction: float = 0.2
     seed: int = 2021
     expect_backbone: str | None = None
+    index: str = "flat"
     head: dict[str, Any] = field(default_factory=dict)
 
 
@@ -218,12 +219,12 @@ def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, s
     sample_ids = np.array(train.sample_ids)[train.slide]
     bank = ReferenceBank(emb, y_train, sample_ids, train.barcodes, genes=spec.panel)
     bank.save(out / BANK_DIR)
-    index = build_index(bank.embeddings, kind="flat")
+    index = build_index(bank.embeddings, kind=settings.index)
     save_index(index, out / BANK_DIR / "index.faiss")
     k = int(settings.head.get("groups") or 18)
     protos = fit_prototypes(bank.embeddings, y_train, k, settings.seed)
     protos.save(out / PROTOTYPES)
-    return {"retrieval": True, "spots": len(bank), "dim": int(bank.embeddings.shape[1]), "index": "flat (inner product on L2-normalised)", "prototypes": int(len(protos.sizes))}
+    return {"retrieval": True, "spots": len(bank), "dim": int(bank.embeddings.shape[1]), "index": f"{settings.index} (inner product on L2-normalised embeddings)", "prototypes": int(len(protos.sizes))}
 
 
 def _write_curve(out: Path, history: dict[str, Any], note: str | None) -> None:

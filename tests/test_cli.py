@@ -115,14 +115,14 @@ def test_demo_runs_end_to_end_and_beats_a_shuffled_control(tmp_path):
     rows = json.loads((tmp_path / "demo" / "report.json").read_text())["rows"]
     pcc = rows["genedml (regression)"]["pcc_acg"]
     # Shuffled-label control: the same predictions scored against spot-permuted truth.
-    pred = ad.read_h5ad(tmp_path / "demo" / "pred_genedml" / "SYN2.h5ad")
+    pred = ad.read_h5ad(tmp_path / "demo" / "pred_genedml" / "SYN3.h5ad")
     from genedml.data import read_samples
     from genedml.targets import targets_at
     from genedml.metrics import pearson_per_gene
     from genedml.model_dir import read_targets
 
-    (sample,) = read_samples(tmp_path / "demo" / "data", samples=["SYN2"])
+    (sample,) = read_samples(tmp_path / "demo" / "data", samples=["SYN3"])
     truth = targets_at(sample, np.asarray(pred.obs_names), read_targets(tmp_path / "demo" / "model_genedml"))
     shuffled = np.nanmean(pearson_per_gene(truth[np.random.default_rng(0).permutation(len(truth))], pred.X))
     assert pcc > 0.15 and pcc > shuffled + 0.1, (pcc, shuffled)
-    assert (tmp_path / "demo" / "eval_genedml" / "maps_SYN2.png").is_file()
+    assert (tmp_path / "demo" / "eval_genedml" / "maps_SYN3.png").is_file()

@@ -114,7 +114,7 @@ def test_rerun_skips_complete_samples_and_detects_changed_spots(tmp_path, tiny_v
 
 def test_killed_extraction_resumes_without_recompute(tmp_path):
     small = make_synthetic_sample("A", grid=(4, 4), seed=1, n_genes=20)
-    large = make_synthetic_sample("B", grid=(16, 16), seed=2, n_genes=20)
+    large = make_synthetic_sample("B", grid=(10, 10), seed=2, n_genes=20)
     data = write_synthetic_dataset(tmp_path / "data", [small, large])
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "genedml", "extract", str(data), "--backbone", "tiny-vit", "--random-init",

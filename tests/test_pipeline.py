@@ -136,3 +136,14 @@ def test_cv_compares_models_on_identical_folds(dataset, tmp_path):
     folds = {v: [r["fold"] for r in runs if r["variant"] == v] for v in ("ridge", "genedml")}
     assert folds["ridge"] == folds["genedml"]
     assert "| ridge |" in summary["markdown"] and "test ['SYN0', 'SYN1']" in summary["markdown"]
+
+
+def test_bleep_with_an_ivf_index_predicts_by_retrieval(dataset, tmp_path):
+    root, data = dataset
+    fs = FitSettings(model="bleep", genes=24, train_samples=["SYN0", "SYN1"], val_samples=["SYN2"], index="ivf",
+                     head={"epochs": 5, "batch_size": 64, "lr": 1e-3})
+    result = fit_model(root / "cache", data, tmp_path / "bleep", fs)
+    assert json.loads((result.model_dir / "config.json").read_text())["bank"]["index"].startswith("ivf")
+    (path,) = predict_cache(result.model_dir, root / "cache", tmp_path / "p", samples=["SYN3"], retrieval=RetrievalSettings(k=7))
+    adata = ad.read_h5ad(path)
+    assert adata.obsm["knn_index"].shape == (81, 7) and np.isfinite(adata.X).all()

@@ -108,6 +108,7 @@ class Encoder:
         self.settings = settings
         self.device = device
         self.on_batch = on_batch
+        self.heartbeat: Callable[[], None] = lambda: None  # set per sample: keeps the sample's lock fresh
         self.out_dtype = np.dtype(settings.dtype)
 
     def encode(self, image: Any, boxes: np.ndarray, token_grid: int = 0, views: bool = False) -> np.ndarray:
@@ -129,6 +130,7 @@ class Encoder:
             out[row : row + b] = feats.reshape((b, 8, n_tokens, dim) if views else (b, n_tokens, dim))
             row += b
             self.on_batch(len(x))
+            self.heartbeat()
         return out
 
 
@@ -139,6 +141,7 @@ def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, 
     image = sample.image
     token_grid = TOKEN_GRIDS[settings.local_tokens]
     report = SampleReport(sample.sample_id, "extracted", sample.n_spots)
+    encoder.heartbeat = writer.heartbeat  # type: ignore[attr-defined]
 
     boxes = local_boxes(sample.centers, fov)
     if settings.augment == "dihedral":
@@ -150,7 +153,6 @@ def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, 
     else:
         writer.write("local", encoder.encode(image, boxes, token_grid))
         report.tiles_local = len(boxes)
-    writer.heartbeat()  # type: ignore[attr-defined]
 
     if "neighbor" in settings.scales:
         if settings.neighbor_mode == "exact":
