@@ -171,7 +171,7 @@ def summarise(runs: list[dict[str, Any]], folds: list[dict[str, Any]], settings:
         for metric in (*METRICS, "fit_seconds"):
             per_fold = [np.mean([r[metric] for r in rows if r["fold"] == f["name"] and r[metric] is not None] or [np.nan]) for f in folds]
             mean, std = _mean_std([None if np.isnan(x) else float(x) for x in per_fold])
-            entry[metric] = {"mean": mean, "std_folds": std}
+            entry[metric] = {"mean": mean, "std_folds": std if len(folds) > 1 else None}
             seed_std = [np.std([r[metric] for r in rows if r["fold"] == f["name"]], ddof=1) for f in folds if sum(r["fold"] == f["name"] for r in rows) > 1]
             if seed_std:
                 entry[metric]["std_seeds"] = float(np.nanmean(seed_std))
@@ -182,11 +182,14 @@ def summarise(runs: list[dict[str, Any]], folds: list[dict[str, Any]], settings:
     def cell(e: dict[str, Any]) -> str:
         if e["mean"] is None:
             return "n/a"
-        text = f"{e['mean']:.3f} ± {e['std_folds']:.3f}"
+        text = f"{e['mean']:.3f}" + (f" ± {e['std_folds']:.3f}" if e["std_folds"] is not None else "")
         return text + (f" (seeds ± {e['std_seeds']:.3f})" if "std_seeds" in e else "")
 
-    lines = [f"| {name} | " + " | ".join(cell(e[m]) for m in METRICS) + f" | {e['fit_seconds']['mean']:.1f} |" for name, e in table.items()]
-    note = "PCC per slide then mean over slides; ± = std over folds (seed-averaged per fold)."
+    def fit_cell(name: str, e: dict[str, Any]) -> str:
+        return "(reuses the fit above)" if " + retrieval" in name else f"{e['fit_seconds']['mean']:.1f}"
+
+    lines = [f"| {name} | " + " | ".join(cell(e[m]) for m in METRICS) + f" | {fit_cell(name, e)} |" for name, e in table.items()]
+    note = "PCC per slide then mean over slides; ± = std over folds (seed-averaged per fold); seeds ± = mean std over seeds."
     if weights == "random-init":
         note += " Features from a random-init backbone: not a biology result."
     markdown = header + "\n".join(lines) + f"\n\n{note}\nbackbone: {cache.settings.get('backbone')} ({weights}); folds by {settings.by}: " + "; ".join(f"{f['name']}: test {f['test']}" for f in folds) + "\n"
