@@ -46,7 +46,7 @@ def ensure_cache(data: Path, backbone: str, weights: str | None, work: Path, tab
     cache = work / f"cache_{backbone.replace(':', '_')}"
     run_extraction_distributed(
         data, backbone=backbone, weights=Path(weights) if weights else None, random_init=weights is None and backbone != "he-stats",
-        allow_download=False, cache_dir=cache, settings=ExtractSettings(augment="dihedral", workers=1), samples=None,
+        allow_download=False, cache_dir=cache, settings=ExtractSettings(augment="dihedral"), samples=None,
         read_kwargs={"samples_table": table}, progress=False,
     )
     return cache

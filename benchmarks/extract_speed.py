@@ -251,7 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backbones", default="timm:resnet18,timm:vit_small_patch16_224", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--workers", type=int, default=2, help="patch reader threads of the extraction")
+    parser.add_argument("--workers", type=int, default=None, help="patch reader threads of the extraction (default: genedml's)")
     parser.add_argument("--patch-px", type=int, default=224)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: only the batch-size spots nearest each section's centre (a few batches)")
@@ -259,7 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extraction runs, each between two raw runs (raw, extract, raw, extract, raw, ...)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.threads, args.repeats) <= 0 or args.workers < 0:
+    if min(args.batch_size, args.threads, args.repeats) <= 0 or (args.workers is not None and args.workers < 0):
         parser.error("--batch-size, --threads and --repeats must be positive, --workers >= 0")
     return args
 

@@ -135,7 +135,7 @@ def extract(
     mpp_target: Optional[float] = typer.Option(None, help="Target µm/px of the patches (default: the slide's own)."),
     patch_px: int = typer.Option(224, help="Patch side in pixels fed to the backbone."),
     batch_size: int = typer.Option(64, help="Model batch size."),
-    workers: int = typer.Option(2, help="Patch-reading threads (0 = read in the main thread)."),
+    workers: Optional[int] = typer.Option(None, help="Patch-reading threads (default: 1 on CPU, several on GPU; 0 = main thread)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("float16", help="Storage dtype of the features."),
     overwrite: bool = typer.Option(False, help="Recompute samples already complete in the cache."),

@@ -51,10 +51,10 @@ def run_demo(
         data, samples_table = _make_synthetic(out, small)
         source = "synthetic tissue (genedml.data.synthetic)"
         # Synthetic spots are 100 µm apart at 1 µm/px: a 112 µm field at 1 µm/px covers one spot.
-        settings = ExtractSettings(patch_px=112, mpp_target=1.0, batch_size=64, workers=1)
+        settings = ExtractSettings(patch_px=112, mpp_target=1.0, batch_size=64)
     else:
         source = str(data)
-        settings = ExtractSettings(batch_size=64, workers=1)
+        settings = ExtractSettings(batch_size=64)
     read_kwargs = {"samples_table": samples_table} if samples_table else {}
     ids = [s.sample_id for s in read_samples(data, **read_kwargs)]
     if len(ids) < 3:
