@@ -19,7 +19,7 @@ def _make_synthetic(out: Path, small: bool) -> tuple[Path, Path]:
     from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 
     grid = (9, 9) if small else (14, 14)
-    samples = make_synthetic_dataset(n_samples=4, n_patients=2, seed=0, grid=grid, n_genes=40)
+    samples = make_synthetic_dataset(n_samples=4, n_patients=2, seed=0, grid=grid, n_genes=80)
     folder = write_synthetic_dataset(out / "data", samples)
     return folder, folder / "samples.csv"
 
@@ -52,7 +52,9 @@ def run_demo(
         source = "synthetic tissue (genedml.data.synthetic)"
         # Synthetic spots are 100 µm apart at 1 µm/px: a 112 µm field at 1 µm/px covers one spot.
         settings = ExtractSettings(patch_px=112, mpp_target=1.0, batch_size=64)
+        n_genes = 80
     else:
+        n_genes = 250
         source = str(data)
         settings = ExtractSettings(batch_size=64)
     read_kwargs = {"samples_table": samples_table} if samples_table else {}
@@ -71,7 +73,7 @@ def run_demo(
     for model in ("genedml", "ridge"):
         # A CPU-sized Gene-DML (width 128 instead of the paper's 512) so the demo runs in minutes.
         head = {"epochs": epochs, "patience": max(10, epochs // 3), "batch_size": 32, "lr": 1e-3, "dim": 128, "groups": 8}
-        fs = FitSettings(model=model, genes=40, train_samples=train, val_samples=[val], head=head)
+        fs = FitSettings(model=model, genes=n_genes, train_samples=train, val_samples=[val], head=head)
         result = fit_model(cache, data, out / f"model_{model}", fs, read_kwargs=read_kwargs)
         models[model] = result
     runs = [("genedml (regression)", "genedml", None), ("genedml + retrieval (k=20)", "genedml", RetrievalSettings(k=20)), ("ridge (HEST probe)", "ridge", None)]
@@ -103,6 +105,9 @@ genedml: best epoch {models['genedml'].history.get('best_epoch')}, validation PC
 Test sample {test} (PCC per gene, per slide then mean; random-init backbone):
 
 {table}
+
+MSE/MAE on the normalised log1p scale; the ridge probe follows the HEST protocol (no intercept), so only its PCC
+is comparable. HEG/HVG: the 50 most expressed / most variable panel genes on the training samples.
 
 Figures: {out / 'eval_genedml'}/maps_{test}.png (measured vs predicted), pcc_distribution.png; training curve {out / 'model_genedml'}/curve.png
 Predictions (AnnData, open with scanpy): {out / 'pred_genedml'}/{test}.h5ad
