@@ -37,19 +37,24 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(edges[int(np.argmax(between))])
 
 
-TISSUE_SATURATION = 0.1  # stained tissue is above this; glass and white background are below ~0.05
+TISSUE_SATURATION = 0.15  # smoothed saturation of stained tissue is above this; glass/background ≈ 0.06–0.09
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Tissue = pixels whose HSV saturation is above Otsu's threshold (background glass is grey/white).
+    """Tissue = smoothed HSV saturation above Otsu's threshold, capped at TISSUE_SATURATION.
 
-    Otsu assumes two populations; on a crop that is all tissue it would split stroma from nuclei, so the
-    threshold is capped at a saturation every H&E stain exceeds.
+    Smoothing (a box filter of 1 % of the thumbnail side) removes JPEG noise and the nuclei/stroma contrast
+    inside tissue, so Otsu separates tissue from glass. On a crop that is all tissue Otsu would still split
+    it in two, hence the cap, which every H&E stain exceeds (checked on the her2st sections: background
+    0.06–0.09, tissue 0.15–0.45).
     """
+    from scipy import ndimage
+
     x = rgb.astype(np.float32) / 255.0
     mx, mn = x.max(axis=2), x.min(axis=2)
     saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    return saturation > min(otsu_threshold(saturation), TISSUE_SATURATION)
+    smoothed = ndimage.uniform_filter(saturation, size=max(3, min(saturation.shape) // 100))
+    return smoothed > min(otsu_threshold(smoothed), TISSUE_SATURATION)
 
 
 def virtual_spots(image: RegionReader, mpp: float, pitch_um: float, min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
