@@ -32,6 +32,9 @@ data_app = typer.Typer(help="Inspect spatial-transcriptomics inputs.", no_args_i
 app.add_typer(data_app, name="data")
 
 ConfigOpt = typer.Option(None, "--config", help="TOML file with default values for any flag of this command.")
+MppOpt = typer.Option(None, help="µm per level-0 pixel for all samples (overrides what the files say).")
+SamplesTableOpt = typer.Option(None, help="CSV sample_id,patient_id[,mpp] (default: DATA/samples.csv when present).")
+ImageOpt = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs).")
 
 
 def _version(value: bool) -> None:
@@ -79,9 +82,9 @@ def _table(rows: list[dict[str, Any]], title: str) -> Table:
 @data_app.command("inspect")
 def data_inspect(
     path: Path = typer.Argument(..., help="A dataset folder or .h5ad file (any supported format)."),
-    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (overrides what the files say)."),
-    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
-    image: Optional[Path] = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs)."),
+    mpp: Optional[float] = MppOpt,
+    samples_table: Optional[Path] = SamplesTableOpt,
+    image: Optional[Path] = ImageOpt,
 ) -> None:
     """Print one row per sample found: id, spots, genes, mpp, patient, format."""
     from genedml.data import inspect_samples
@@ -139,9 +142,9 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("float16", help="Storage dtype of the features."),
     overwrite: bool = typer.Option(False, help="Recompute samples already complete in the cache."),
-    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel for all samples (overrides metadata)."),
-    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
-    image: Optional[Path] = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs)."),
+    mpp: Optional[float] = MppOpt,
+    samples_table: Optional[Path] = SamplesTableOpt,
+    image: Optional[Path] = ImageOpt,
     allow_download: bool = typer.Option(False, help="Allow fetching weights from the Hugging Face hub."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -233,8 +236,8 @@ def fit(
     expect_backbone: Optional[str] = typer.Option(None, help="Refuse a cache made with another backbone."),
     index: str = typer.Option("flat", help="Retrieval index over the reference bank: flat (exact) or ivf (very large banks)."),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE, e.g. dim=128 or neighbor_depth=2 (repeatable)."),
-    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
-    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    mpp: Optional[float] = MppOpt,
+    samples_table: Optional[Path] = SamplesTableOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Train a head on cached features only (never opens an image) and write a model directory."""
@@ -295,8 +298,8 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="The dataset with measured expression."),
     out: Path = typer.Option(..., "--out", help="Where to write metrics.json, per-gene CSV and figures."),
     model_dir: Optional[Path] = typer.Option(None, "--model", help="Model dir (default: the one recorded in the predictions)."),
-    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
-    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    mpp: Optional[float] = MppOpt,
+    samples_table: Optional[Path] = SamplesTableOpt,
 ) -> None:
     """Score predictions against measured expression: PCC (ACG/HEG/HVG/HPG), MSE, MAE; figures."""
     from genedml.evaluate import evaluate_dir
@@ -326,8 +329,8 @@ def cv(
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
     batch_size: int = typer.Option(512, help="Training batch size."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
-    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel (passed to the data reader)."),
-    samples_table: Optional[Path] = typer.Option(None, help="CSV sample_id,patient_id[,mpp]."),
+    mpp: Optional[float] = MppOpt,
+    samples_table: Optional[Path] = SamplesTableOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Leave-one-group-out cross-validation of one or more heads on the same cache and folds."""

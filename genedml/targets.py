@@ -66,18 +66,24 @@ class TargetSpec:
         return cls(**data)
 
 
+def _positions(wanted: Sequence[str], available: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Index of each wanted name in `available` (names absent are skipped) and the absent names."""
+    lookup = {name: i for i, name in enumerate(available)}
+    missing = [w for w in wanted if w not in lookup]
+    return np.array([lookup[w] for w in wanted if w in lookup], dtype=np.int64), missing
+
+
 def _column_index(sample: Sample, genes: Sequence[str]) -> np.ndarray:
     """Column of each gene in the sample's counts; InputError naming the missing genes."""
     if sample.counts is None or sample.genes is None:
         raise InputError(f"sample '{sample.sample_id}' has no expression counts; targets need counts.")
-    lookup = {g: i for i, g in enumerate(sample.genes)}
-    missing = [g for g in genes if g not in lookup]
+    index, missing = _positions(genes, sample.genes)
     if missing:
         raise InputError(
             f"sample '{sample.sample_id}' ({sample.meta.get('path', sample.source)}) lacks {len(missing)} panel "
             f"genes, e.g. {missing[:10]}. Use samples measured on the same gene panel, or refit the targets."
         )
-    return np.fromiter((lookup[g] for g in genes), dtype=np.int64, count=len(genes))
+    return index
 
 
 def _scale_rows(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float) -> sp.csr_matrix:
@@ -252,12 +258,11 @@ def targets_at(sample: Sample, barcodes: Sequence[str], spec: TargetSpec) -> np.
     another version of the dataset.
     """
     values = make_targets(sample, spec)
-    row = {b: i for i, b in enumerate(sample.barcodes)}
-    missing = [b for b in barcodes if b not in row]
+    index, missing = _positions(barcodes, sample.barcodes)
     if missing:
         raise InputError(
             f"{len(missing)} of {len(barcodes)} spots of '{sample.sample_id}' have no expression in the data "
             f"(e.g. {list(missing[:5])}). Were the features or predictions made from another version of this "
             "dataset? Re-extract with --overwrite."
         )
-    return values[np.array([row[b] for b in barcodes], dtype=np.int64)]
+    return values[index]
