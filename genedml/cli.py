@@ -7,6 +7,7 @@ Any flag of `fit`, `cv`, `extract`, `predict` may also come from a TOML file giv
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -393,3 +394,12 @@ def main(argv: list[str] | None = None) -> None:
     except GenedmlError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise SystemExit(2) from None
+    except SystemExit as done:
+        if done.code in (0, None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun all work is finished and written (rank 0 waited for every rank and wrote the
+            # manifest), but the C++ teardown of the gloo process group at interpreter exit can abort
+            # ("terminate called without an active exception", seen once under load). Skip that teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
