@@ -14,7 +14,7 @@ import numpy as np
 
 import genedml
 from genedml.cache.spots import load_spot_features
-from genedml.cache.store import FeatureCache
+from genedml.cache.store import FeatureCache, jsonable
 from genedml.data.sample import Sample
 from genedml.errors import CacheMismatchError, InputError
 from genedml.heads.features import SpotFeatures
@@ -157,7 +157,7 @@ def fit_model(
     config = {
         "genedml_version": genedml.__version__,
         "model": settings.model,
-        "fit_settings": _jsonable(asdict(settings)),
+        "fit_settings": jsonable(asdict(settings)),
         "head_config": head.config(),
         "genes": spec.panel,
         "train_samples": train_ids,
@@ -173,7 +173,7 @@ def fit_model(
         "fit_seconds": round(seconds, 2),
         "bank": bank_info,
     }
-    (out / CONFIG).write_text(json.dumps(_jsonable(config), indent=2))
+    (out / CONFIG).write_text(json.dumps(jsonable(config), indent=2))
     _write_curve(out, history, "random-init backbone: not a biology result" if weights == "random-init" else None)
     return FitResult(out, train_ids, val_ids, history, seconds, weights)
 
@@ -229,7 +229,7 @@ def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, s
 
 def _write_curve(out: Path, history: dict[str, Any], note: str | None) -> None:
     """curve.json (the full history) and curve.png (one series per loss part and the validation PCC)."""
-    (out / "curve.json").write_text(json.dumps(_jsonable(history), indent=2))
+    (out / "curve.json").write_text(json.dumps(jsonable(history), indent=2))
     epochs = history.get("epochs") or []
     if epochs:
         from genedml.plots import training_curve
@@ -238,6 +238,3 @@ def _write_curve(out: Path, history: dict[str, Any], note: str | None) -> None:
         series = {"epoch": [e["epoch"] for e in epochs]} | {k: [np.nan if e.get(k) is None else e[k] for e in epochs] for k in names}
         training_curve(series, out / "curve.png", note=note)
 
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

@@ -87,22 +87,20 @@ class Predictor:
         """Predictions and, for retrieval, neighbour indices/similarities and prototype groups."""
         regressed = self.head.predict(feats) if (retrieval is None or retrieval.blend < 1.0) else None
         out: dict[str, Any] = {"X": regressed}
-        if retrieval is not None:
-            self.bank()  # fails first with the reason when the model has no reference bank
+        # The bank first: a model without one fails with the reason before any embedding is computed.
+        bank_index = self.bank() if retrieval is not None else None
         query = self.head.embed_image(feats) if (retrieval is not None or self.prototypes() is not None) else None
         if retrieval is not None:
             from genedml.retrieval import retrieve_predict
 
             if query is None:
                 raise ModelDirError(f"head '{self.config['model']}' has no image embedding to query the bank with.")
-            bank, index = self.bank()
+            bank, index = bank_index
             result = retrieve_predict(bank, index, query, retrieval.k, retrieval.weighting, retrieval.tau, retrieval.blend, regressed)
             out.update(X=result.prediction, knn_index=result.neighbor_idx, knn_similarity=result.similarity)
         protos = self.prototypes()
         if protos is not None and query is not None:
             out["group"] = protos.assign(query)
-        if out["X"] is None:
-            out["X"] = self.head.predict(feats)
         return out
 
     def provenance(self, retrieval: RetrievalSettings | None) -> dict[str, Any]:

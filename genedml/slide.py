@@ -57,9 +57,14 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     return smoothed > min(otsu_threshold(smoothed), TISSUE_SATURATION)
 
 
-def virtual_spots(image: RegionReader, mpp: float, pitch_um: float, min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Centres (level-0 px) of a square grid at `pitch_um` over tissue, and their (col, row) grid positions."""
-    thumb, scale = thumbnail(image)
+def virtual_spots(
+    image: RegionReader, mpp: float, pitch_um: float, min_tissue: float = 0.5, view: tuple[np.ndarray, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (level-0 px) of a square grid at `pitch_um` over tissue, and their (col, row) grid positions.
+
+    `view` is a `thumbnail(image)` the caller already has (reading one means reading the whole slide).
+    """
+    thumb, scale = view if view is not None else thumbnail(image)
     mask = tissue_mask(thumb)
     pitch_px = pitch_um / mpp
     xs = np.arange(pitch_px / 2, image.width, pitch_px)
@@ -107,7 +112,8 @@ def predict_slide(
     image = open_image(slide)
     cs = predictor.config["cache_settings"]
     pitch = pitch_um or float(predictor.config.get("spot_pitch_um") or 100.0)
-    centers, grid = virtual_spots(image, mpp, pitch)
+    thumb, scale = thumbnail(image)
+    centers, grid = virtual_spots(image, mpp, pitch, view=(thumb, scale))
     sample_id = Path(slide).stem
     barcodes = np.array([f"{c}x{r}" for c, r in grid])
     sample = Sample(sample_id, sample_id, mpp, barcodes, centers, image, array_coords=grid, source="slide")
@@ -133,7 +139,6 @@ def predict_slide(
     unknown = [g for g in wanted if g not in predictor.genes]
     if unknown:
         raise InputError(f"Genes {unknown} are not in the model's panel ({len(predictor.genes)} genes).")
-    thumb, scale = thumbnail(image)
     note = predictor.provenance(retrieval)["note"] or None
     for gene in wanted:
         values = pred["X"][:, predictor.genes.index(gene)]

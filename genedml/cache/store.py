@@ -40,14 +40,14 @@ def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in INFORMATIONAL_KEYS}
 
 
-def _normalise(value: Any) -> Any:
-    """JSON round-trip so tuples vs lists and numpy scalars compare equal."""
+def jsonable(value: Any) -> Any:
+    """JSON round-trip: tuples become lists, numpy scalars Python numbers, anything else its str()."""
     return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def settings_diff(stored: dict[str, Any], requested: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
     """Human-readable differences between two settings dicts (only feature-relevant keys, minus `ignore`)."""
-    a, b = _normalise(_comparable(stored)), _normalise(_comparable(requested))
+    a, b = jsonable(_comparable(stored)), jsonable(_comparable(requested))
     keys = sorted((set(a) | set(b)) - ignore)
     return [f"{k}: cache has {a.get(k)!r}, this run asks for {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -105,7 +105,7 @@ class SampleWriter:
         arr[...] = data
 
     def attrs(self, **values: Any) -> None:
-        self.group.attrs.update(_normalise(values))
+        self.group.attrs.update(jsonable(values))
 
 
 class FeatureCache:
@@ -131,7 +131,7 @@ class FeatureCache:
             raise InputError(f"No feature cache at {self.root} (expected {marker}). Run `genedml extract` first.")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-            settings = _normalise({**settings, "format_version": FORMAT_VERSION})
+            settings = jsonable({**settings, "format_version": FORMAT_VERSION})
             self._create_root(settings)
             self.settings = settings
 
