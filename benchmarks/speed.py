@@ -39,7 +39,7 @@ def fit_stage(cache: Path, data: Path, table: Path, epochs: int, out: Path) -> d
         ("bleep", "bleep", {}, 128),
     ]
     for label, model, extra, batch in runs:
-        head = {"epochs": epochs, "patience": epochs, "batch_size": batch, "lr": 1e-4, **extra}
+        head = {"epochs": epochs, "patience": epochs, "batch_size": batch, "lr": 1e-4, **extra} if model != "ridge" else {}
         fs = FitSettings(model=model, train_samples=["C2", "C3", "C4", "C5"], val_samples=["C6"], head=head)
         t0 = time.perf_counter()
         result = fit_model(cache, data, out / f"fit_{model}_{batch}", fs, read_kwargs={"samples_table": table})

@@ -70,6 +70,26 @@ def _key_values(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# Defaults of fit's flags that only some heads have: a changed value for a head without it is an error.
+GENERIC_HEAD_DEFAULTS = {
+    "scales": ("local", "neighbor", "global"), "instance": True, "group": True, "groups": 18, "lambda_group": 0.8,
+    "tau": 0.07, "tau_group": 0.07, "group_form": "reference", "epochs": 200, "patience": 20, "batch_size": 512,
+    "lr": 1e-4, "seed": 2021,
+}
+
+
+def _head_settings(model: str, generic: dict[str, Any], options: dict[str, Any]) -> Any:
+    """The head's typed settings from fit's generic flags and its --head-option values (which must all fit)."""
+    from genedml.heads.registry import accepted_settings, head_settings
+
+    accepted = accepted_settings(model)
+    for key, value in generic.items():
+        if key not in accepted and value != GENERIC_HEAD_DEFAULTS.get(key):
+            flag = {"instance": "--no-instance", "group": "--no-group"}.get(key, "--" + key.replace("_", "-"))
+            raise GenedmlError(f"{flag} does not apply to --model {model} (it has no setting {key!r}).")
+    return head_settings(model, options, shared=generic)
+
+
 def _table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for key in rows[0] if rows else []:
@@ -244,16 +264,16 @@ def fit(
     """Train a head on cached features only (never opens an image) and write a model directory."""
     from genedml.fit import FitSettings, fit_model
 
+    generic = {
+        "scales": tuple(_csv(scales) or ()), "instance": not no_instance, "group": not no_group, "groups": groups,
+        "lambda_group": lambda_group, "tau": tau, "tau_group": tau_group, "group_form": group_form,
+        "epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr, "seed": seed,
+    }
     settings = FitSettings(
         model=model, genes=genes, gene_select=gene_select, gene_list=gene_list, normalize_over=normalize_over, log=log,
         smooth=smooth, train_samples=_csv(train_samples), val_samples=_csv(val_samples), val_fraction=val_fraction,
         seed=seed, expect_backbone=expect_backbone, index=index,
-        head={
-            "scales": _csv(scales), "instance": not no_instance, "group": not no_group, "groups": groups,
-            "lambda_group": lambda_group, "tau": tau, "tau_group": tau_group, "group_form": group_form,
-            "epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr, "seed": seed,
-            **_key_values(head_option),
-        },
+        head=_head_settings(model, generic, _key_values(head_option)),
     )
     result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True)
     console.print(result.summary_line())
@@ -279,11 +299,12 @@ def predict(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Predict expression for cached samples (or a new slide) by regression and/or retrieval."""
-    from genedml.predict import RetrievalSettings, predict_cache, predict_slide
+    from genedml.predict import Predictor, RetrievalSettings, predict_cache
+    from genedml.slide import predict_slide
 
     retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k else None
     if slide is not None:
-        paths = predict_slide(model_dir, slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval, weights=weights, device=device)
+        paths = predict_slide(Predictor(model_dir), slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval, weights=weights, device=device)
     else:
         if cache is None:
             raise GenedmlError("predict needs --cache (cached samples) or --slide (a new image).")
@@ -326,7 +347,7 @@ def cv(
     smooth: bool = typer.Option(False, help="3x3 smoothing of targets."),
     epochs: int = typer.Option(200, help="Maximum epochs."),
     seeds: str = typer.Option("2021", help="Comma-separated seeds (neural heads are run once per seed)."),
-    ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, no-neighbor, cld."),
+    ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, no-neighbor, cld, mlp (local-only regression)."),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
     batch_size: int = typer.Option(512, help="Training batch size."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),

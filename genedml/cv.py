@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from genedml.cache.spots import load_spot_features
+from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
 from genedml.errors import InputError
@@ -19,8 +18,8 @@ from genedml.evaluate import score
 from genedml.fit import FitSettings, fit_model
 from genedml.targets import targets_at
 from genedml.predict import Predictor, RetrievalSettings
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 NEURAL_HEADS = {"genedml", "triplex", "bleep"}
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -29,6 +28,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-global": {"scales": ["local", "neighbor"]},
     "no-neighbor": {"scales": ["local", "global"]},
     "cld": {"group_form": "cld"},
+    # The plain baseline every head must beat: a local-only regression MLP (no contrastive pathway).
+    "mlp": {"instance": False, "group": False, "scales": ["local"]},
 }
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
@@ -91,17 +92,28 @@ def variants(settings: CVSettings) -> list[Variant]:
     for ablation in settings.ablations:
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
-        rows.append(Variant(f"genedml −{ablation}" if ablation != "cld" else "genedml (CLD group form)", "genedml", tuple(ABLATIONS[ablation].items())))
+        label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)"}.get(ablation, f"genedml −{ablation}")
+        rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
     if settings.retrieve_k:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)
         rows += [Variant(f"{m} + retrieval (k={r.k}, blend={r.blend:g})", m, (), r) for m in settings.models if m == "genedml"]
     return rows
 
 
+def variant_settings(variant: Variant, settings: CVSettings, seed: int) -> Any:
+    """Typed head settings of one variant: cv's shared values where the head has them, then its overrides."""
+    from genedml.heads.registry import head_settings
+
+    shared = {**settings.head, "epochs": settings.epochs, "seed": seed}
+    return head_settings(variant.model, dict(variant.overrides), shared=shared)
+
+
 def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: CVSettings, *, read_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit/predict/evaluate every variant on every fold; write folds, per-run metrics and the summary."""
     from genedml.data import read_samples
 
+    for variant in variants(settings):  # every setting is checked before any work starts
+        variant_settings(variant, settings, settings.seeds[0])
     cache = FeatureCache(cache_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,10 +132,11 @@ def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: C
                 fit_seconds = 0.0
                 if model_dir is None:  # retrieval rows reuse the fitted regression model of the same fold
                     model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
+                    # Closed-form heads never use a validation section: they train on every training section.
                     fs = FitSettings(
                         model=variant.model, genes=settings.genes, smooth=settings.smooth, train_samples=fold["train"],
-                        val_fraction=settings.val_fraction, seed=seed,
-                        head={**settings.head, "epochs": settings.epochs, "seed": seed, **dict(variant.overrides)},
+                        val_fraction=settings.val_fraction if variant.model in NEURAL_HEADS else 0.0, seed=seed,
+                        head=variant_settings(variant, settings, seed),
                     )
                     t0 = time.perf_counter()
                     fit_model(cache, None, model_dir, fs, samples=by_id)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from genedml.errors import InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 METRIC_KEYS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
@@ -72,7 +71,7 @@ def run_demo(
     models = {}
     for model in ("genedml", "ridge"):
         # A CPU-sized Gene-DML (width 128 instead of the paper's 512) so the demo runs in minutes.
-        head = {"epochs": epochs, "patience": max(10, epochs // 3), "batch_size": 32, "lr": 1e-3, "dim": 128, "groups": 8}
+        head = {"epochs": epochs, "patience": max(10, epochs // 3), "batch_size": 32, "lr": 1e-3, "dim": 128, "groups": 8} if model == "genedml" else {}
         fs = FitSettings(model=model, genes=n_genes, train_samples=train, val_samples=[val], head=head)
         result = fit_model(cache, data, out / f"model_{model}", fs, read_kwargs=read_kwargs)
         models[model] = result

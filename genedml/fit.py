@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 import genedml
-from genedml.cache.spots import load_spot_features
-from genedml.cache.store import FeatureCache, jsonable
+from genedml.spots import load_spot_features
+from genedml.cache.store import FeatureCache
+from genedml.jsonio import jsonable
 from genedml.data.sample import Sample
-from genedml.errors import CacheMismatchError, InputError
+from genedml.errors import CacheMismatchError, ConfigError, InputError
 from genedml.heads.features import SpotFeatures
 from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, fit_prototypes
+from genedml.metrics import mean_gene_pcc
 from genedml.targets import TargetSpec, fit_targets, targets_at
+from genedml.log import log
 
-log = logging.getLogger("genedml")
+
+
+GENE_SELECT = ("mean", "variance")
+LOG_TRANSFORMS = ("log1p", "log10", "none")
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
 
 
 @dataclass
 class FitSettings:
-    """Everything `fit` needs besides paths; `head` holds the head's own settings."""
+    """Everything `fit` needs besides paths; `head` is the chosen head's typed settings.
+
+    `head` may be given as a mapping (e.g. from a notebook); it is turned into the head's settings here,
+    so an unknown or misspelt key fails before any work, naming the closest valid key.
+    """
 
     model: str = "genedml"
     genes: int = 250
@@ -41,7 +51,28 @@ class FitSettings:
     seed: int = 2021
     expect_backbone: str | None = None
     index: str = "flat"
-    head: dict[str, Any] = field(default_factory=dict)
+    head: Any = None
+
+    def __post_init__(self) -> None:
+        from genedml.heads.registry import head_class, head_settings
+
+        cls = head_class(self.model)
+        if self.head is None or isinstance(self.head, Mapping):
+            self.head = head_settings(self.model, self.head or {})
+        elif not isinstance(self.head, cls.Settings):
+            raise ConfigError(f"settings of type {type(self.head).__name__} given for head {self.model!r}, which takes {cls.Settings.__name__}")
+        if not isinstance(self.genes, int) or self.genes < 1:
+            raise ConfigError(f"--genes must be an integer >= 1, got {self.genes!r}")
+        if self.gene_select not in GENE_SELECT:
+            raise ConfigError(f"--gene-select must be one of {', '.join(GENE_SELECT)}, got {self.gene_select!r}")
+        if self.normalize_over not in ("panel", "all"):
+            raise ConfigError(f"--normalize-over must be panel or all, got {self.normalize_over!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.index not in INDEX_KINDS:
+            raise ConfigError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.index!r}")
+        if self.gene_list is not None and not Path(self.gene_list).is_file():
+            raise ConfigError(f"--gene-list {self.gene_list} is not a file (one gene symbol per line)")
 
 
 @dataclass
@@ -115,7 +146,7 @@ def fit_model(
     Expression comes from `samples` when given (cv reads the data once), else from reading `data`.
     """
     from genedml.data import read_samples
-    from genedml.heads import make_head
+    from genedml.heads.registry import make_head
 
     start = time.perf_counter()
     cache = cache_dir if isinstance(cache_dir, FeatureCache) else FeatureCache(cache_dir)
@@ -137,14 +168,13 @@ def fit_model(
     train, y_train = load_split(cache, samples, train_ids, spec)
     val, y_val = load_split(cache, samples, val_ids, spec) if val_ids else (None, None)
 
-    head = make_head(settings.model, **head_settings(settings.model, settings.head))
+    head = make_head(settings.model, settings.head)
     weights = str(cache.settings.get("weights"))
     if weights == "random-init":
         log.warning("the cache was made with a random-init backbone: the fitted model is not a biology result")
     history = _fit_head(head, train, y_train, val, y_val, progress)
     if val is not None and history.get("best_val_pcc") is None:
         # Heads without epochs (ridge) are scored on the same validation split for the record.
-        from genedml.heads.training import mean_gene_pcc
 
         history = {**history, "best_val_pcc": float(mean_gene_pcc(head.predict(val), y_val)), "selection": "closed form (validation scored, not used)"}
 
@@ -191,22 +221,14 @@ def spot_pitch_um(cache: FeatureCache, sample_ids: Sequence[str]) -> float:
     return round(float(np.median(pitches)), 3) if pitches else 100.0
 
 
-def head_settings(model: str, requested: dict[str, Any]) -> dict[str, Any]:
-    """Only the settings the chosen head accepts (CLI flags cover all heads)."""
-    from genedml.heads import accepted_settings
-
-    accepted = accepted_settings(model)
-    return {k: v for k, v in requested.items() if k in accepted and v is not None}
-
-
 def _fit_head(head: Any, train: SpotFeatures, y_train: np.ndarray, val: SpotFeatures | None, y_val: np.ndarray | None, progress: bool) -> dict[str, Any]:
-    epochs = int(head.config().get("epochs", 0) or 0)
+    epochs = int(getattr(head.settings, "epochs", 0) or 0)
     if progress and epochs:
         from genedml.progress import EpochProgress
 
         with EpochProgress(epochs, f"fit {head.name}") as bar:
-            return head.fit(train, y_train, val, y_val, progress=bar)
-    return head.fit(train, y_train, val, y_val)
+            return head.fit(train, y_train, val, y_val, progress=bar).history_
+    return head.fit(train, y_train, val, y_val).history_
 
 
 def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, spec: TargetSpec, settings: FitSettings) -> dict[str, Any]:
@@ -221,7 +243,7 @@ def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, s
     bank.save(out / BANK_DIR)
     index = build_index(bank.embeddings, kind=settings.index)
     save_index(index, out / BANK_DIR / "index.faiss")
-    k = int(settings.head.get("groups") or 18)
+    k = int(getattr(settings.head, "groups", 18))
     protos = fit_prototypes(bank.embeddings, y_train, k, settings.seed)
     protos.save(out / PROTOTYPES)
     return {"retrieval": True, "spots": len(bank), "dim": int(bank.embeddings.shape[1]), "index": f"{settings.index} (inner product on L2-normalised embeddings)", "prototypes": int(len(protos.sizes))}

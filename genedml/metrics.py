@@ -43,6 +43,11 @@ def pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def mean_gene_pcc(y_pred: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean per-gene Pearson r over the genes that have one (model selection uses the evaluation's r)."""
+    return _mean(pearson_per_gene(y_true, y_pred))
+
+
 def _mean(values: np.ndarray) -> float:
     """Mean over finite values; NaN when there are none (no warning)."""
     values = np.asarray(values, dtype=np.float64)

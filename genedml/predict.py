@@ -6,20 +6,20 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from genedml.cache.spots import load_spot_features
+from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache, settings_diff
 from genedml.errors import CacheMismatchError, ModelDirError
 from genedml.heads.features import SpotFeatures
+from genedml.output import write_prediction
 from genedml.model_dir import BANK_DIR, HEAD_DIR, PROTOTYPES, Prototypes, read_config, read_targets
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 
 @dataclass(frozen=True)
@@ -120,37 +120,6 @@ class Predictor:
         }
 
 
-def write_prediction(path: Path, sample_id: str, barcodes: np.ndarray, centers: np.ndarray, genes: Sequence[str], pred: dict[str, Any], provenance: dict[str, Any]) -> Path:
-    """One AnnData per sample: X = prediction, obs_names = barcodes, obsm['spatial'] = centres."""
-    import anndata as ad
-    import pandas as pd
-
-    obs = pd.DataFrame(index=pd.Index(np.asarray(barcodes).astype(str), name="barcode"))
-    obs["sample_id"] = sample_id
-    if "group" in pred:
-        obs["genedml_group"] = pd.Categorical(pred["group"].astype(str))
-    adata = ad.AnnData(X=np.asarray(pred["X"], dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), name="gene")))
-    adata.obsm["spatial"] = np.asarray(centers, dtype=np.float64)
-    if "knn_index" in pred:
-        adata.obsm["knn_index"] = np.asarray(pred["knn_index"], dtype=np.int64)
-        adata.obsm["knn_similarity"] = np.asarray(pred["knn_similarity"], dtype=np.float32)
-    adata.uns["genedml"] = _h5_safe(provenance | {"sample_id": sample_id})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.h5ad")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
-    return path
-
-
-def _h5_safe(value: Any) -> Any:
-    """anndata's uns writer rejects None: drop None entries, recurse into dicts."""
-    if isinstance(value, dict):
-        return {k: _h5_safe(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_h5_safe(v) for v in value if v is not None]
-    return value
-
-
 def predict_cache(
     model_dir: str | Path, cache_dir: str | Path, out: str | Path, *, samples: Sequence[str] | None = None, retrieval: RetrievalSettings | None = None
 ) -> list[Path]:
@@ -169,10 +138,3 @@ def predict_cache(
         pred = predictor.predict(feats, retrieval)
         paths.append(write_prediction(Path(out) / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, provenance))
     return paths
-
-
-def predict_slide(model_dir: str | Path, slide: str | Path, out: str | Path, **kwargs: Any) -> list[Path]:
-    """Whole-slide prediction for an image without sequencing (see `genedml.slide`)."""
-    from genedml.slide import predict_slide as run
-
-    return run(Predictor(model_dir), slide, out, **kwargs)

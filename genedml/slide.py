@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from genedml.data.image import RegionReader, open_image
+from genedml.data.formats import open_image
+from genedml.data.image import RegionReader
 from genedml.data.sample import Sample
 from genedml.errors import InputError
+from genedml.output import write_prediction
+from genedml.predict import Predictor, RetrievalSettings
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 THUMBNAIL_SIDE = 2048
 
 
@@ -88,24 +90,23 @@ def virtual_spots(
 
 
 def predict_slide(
-    predictor: Any,
+    predictor: Predictor,
     slide: str | Path,
     out: str | Path,
     *,
     mpp: float | None,
     pitch_um: float | None = None,
     genes: Sequence[str] | None = None,
-    retrieval: Any = None,
+    retrieval: RetrievalSettings | None = None,
     weights: Path | None = None,
     device: str = "auto",
 ) -> list[Path]:
     """Detect tissue, tile virtual spots, extract with the model's backbone settings, predict, map genes."""
     from genedml.backbones import load_backbone
-    from genedml.cache.spots import load_spot_features
+    from genedml.spots import load_spot_features
     from genedml.cache.store import FeatureCache
     from genedml.extract.runner import ExtractSettings, run_extraction
     from genedml.plots import expression_map
-    from genedml.predict import write_prediction
 
     if mpp is None or mpp <= 0:
         raise InputError(f"--mpp (µm per pixel of {slide}) is required for a slide without metadata, e.g. --mpp 0.5.")

@@ -7,7 +7,6 @@ that is saved with the model, so predict/evaluate time rebuilds exactly the same
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Sequence
 
@@ -16,8 +15,8 @@ import scipy.sparse as sp
 
 from genedml.data.sample import Sample
 from genedml.errors import InputError
+from genedml.log import log
 
-logger = logging.getLogger("genedml")
 
 N_MARKER_GENES = 50  # size of the HEG / HVG lists (method.md §3)
 SELECT_METHODS = ("mean", "variance", "list")
@@ -150,7 +149,7 @@ def select_panel(
     score = mean if method == "mean" else total_sq / n_spots - mean**2
     order = np.flatnonzero(qualifies)[np.argsort(-score[qualifies], kind="stable")]
     if len(order) < n:
-        logger.warning(
+        log.warning(
             "only %d genes qualify for the panel (present in all %d training samples, detected in >= %.0f%% of "
             "spots of each); asked for %d, using %d.",
             len(order), len(samples), 100 * min_detected, n, len(order),

@@ -14,7 +14,7 @@ import torch
 
 from genedml.backbones import load_backbone
 from genedml.cache import FeatureCache
-from genedml.cache.spots import load_spot_features
+from genedml.spots import load_spot_features
 from genedml.data.synthetic import make_synthetic_sample, write_synthetic_dataset
 from genedml.errors import CacheMismatchError
 from genedml.extract.geometry import CENTRE_TILE, Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
@@ -88,8 +88,9 @@ def test_lattice_tiles_that_coincide_with_exact_tiles_have_identical_features(tm
     exact_boxes, mask = exact_neighbor_boxes(sample.centers, fov, sample.image.width, sample.image.height)
     same = mask & np.all(lattice.boxes[np.clip(lattice.index, 0, None)] == exact_boxes, axis=-1)
     assert same[0].sum() == mask[0].sum()  # the anchor spot's tiles all coincide
-    np.testing.assert_allclose(lat.neighbor[same], ex.neighbor[same], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(lat.neighbor[mask & ~same], 0)  # snapped tiles hold real features
+    lat_tiles, ex_tiles = lat.neighbors_of(np.arange(len(lat)))[0], ex.neighbors_of(np.arange(len(ex)))[0]
+    np.testing.assert_allclose(lat_tiles[same], ex_tiles[same], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(lat_tiles[mask & ~same], 0)  # snapped tiles hold real features
 
 
 def test_store_refuses_to_be_extended_with_another_backbone(tmp_path, tiny_vit, sample):
@@ -145,7 +146,7 @@ def test_killed_extraction_resumes_without_recompute(tmp_path):
     assert (cache / "A" / "zarr.json").stat().st_mtime_ns == a_mtime  # A was not recomputed
     assert FeatureCache(cache).samples() == ["A", "B"]
     b = load_spot_features(FeatureCache(cache), ["B"])
-    assert len(b) == large.n_spots and np.isfinite(b.neighbor).all() and np.abs(b.local).sum() > 0
+    assert len(b) == large.n_spots and np.isfinite(b.tiles).all() and np.abs(b.local).sum() > 0
     assert not (cache / ".locks" / "B.lock").exists()
 
 
@@ -163,6 +164,7 @@ def test_her2st_lattice_encodes_few_tiles_and_agrees_with_exact(tmp_path, her2st
     a = load_spot_features(FeatureCache(tmp_path / "lat"), ["C3"])
     b = load_spot_features(FeatureCache(tmp_path / "ex"), ["C3"])
     m = a.neighbor_mask
-    r = np.mean([np.corrcoef(a.neighbor[m][:, j], b.neighbor[m][:, j])[0, 1] for j in range(a.dim) if b.neighbor[m][:, j].std() > 0])
+    na, nb = a.neighbors_of(np.arange(len(a)))[0][m], b.neighbors_of(np.arange(len(b)))[0][m]
+    r = np.mean([np.corrcoef(na[:, j], nb[:, j])[0, 1] for j in range(a.dim) if nb[:, j].std() > 0])
     print(f"C3: lattice {lat.tiles_per_spot:.2f} vs exact {ex.tiles_per_spot:.2f} tiles/spot; mean feature correlation {r:.3f}")
     assert r > 0.7

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from genedml.errors import ConfigError, InputError
-from genedml.heads import HEADS, accepted_settings, load_head, make_head
+from genedml.heads.registry import HEADS, accepted_settings, load_head, make_head
 from genedml.heads.batch import BatchMaker
 from genedml.heads.features import SpotFeatures
 from genedml.heads.layers import PEG, GlobalEncoder, NeighborEncoder
 
 SMALL = dict(dim=32, neighbor_depth=1, neighbor_heads=2, neighbor_mlp_ratio=2, global_depth=2, global_heads=2,
              global_mlp_ratio=2, groups=4)
-TRAIN = dict(lr=2e-3, batch_size=64, epochs=25, patience=10, device="cpu")
+TRAIN = dict(lr=2e-3, batch_size=64, epochs=25, patience=10, device="cpu", min_epoch_steps=1)
 SETTINGS: dict[str, dict[str, Any]] = {
     "genedml": {**SMALL, **TRAIN},
     "triplex": {**SMALL, **TRAIN},
@@ -93,7 +93,7 @@ def pcc(pred: np.ndarray, y: np.ndarray) -> float:
 def fitted(data: dict[str, Any]) -> dict[str, Any]:
     heads = {}
     for name, settings in SETTINGS.items():
-        head = make_head(name, **settings)
+        head = make_head(name, settings)
         head.fit(data["train"], data["y_train"], data["val"], data["y_val"])
         heads[name] = head
     return heads
@@ -101,7 +101,7 @@ def fitted(data: dict[str, Any]) -> dict[str, Any]:
 
 def one_batch_parts(settings: dict[str, Any], data: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     """Build a genedml model for `settings` and run one training batch with backward."""
-    head = make_head("genedml", **{**SMALL, **TRAIN, **settings})
+    head = make_head("genedml", {**SMALL, **TRAIN, **settings})
     torch.manual_seed(0)
     head.model = head.build(data["train"].dim, data["y_train"].shape[1])
     head.model.train()
@@ -143,26 +143,26 @@ def test_ablation_switches_remove_terms_and_parameters(
 
 
 def test_instance_off_means_no_retrieval_embedding(data: dict[str, Any]) -> None:
-    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 1, "instance": False})
+    head = make_head("genedml", {**SMALL, **TRAIN, "epochs": 1, "instance": False})
     head.fit(data["train"], data["y_train"])
     assert head.embed_image(data["val"]) is None
     assert head.embed_genes(data["y_val"]) is not None  # the group pathway still has a gene encoder
 
 
 def test_local_only_ignores_neighbour_and_global_inputs(data: dict[str, Any]) -> None:
-    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 1, "scales": ("local",)})
+    head = make_head("genedml", {**SMALL, **TRAIN, "epochs": 1, "scales": ("local",)})
     head.fit(data["train"], data["y_train"])
     val = data["val"]
     before = head.predict(val)
     val2 = val.take(np.arange(len(val)))
-    val2.neighbor = val.neighbor + 1.0
+    val2.tiles = val.tiles + 1.0
     val2.slide_tokens = {k: v + 1.0 for k, v in val.slide_tokens.items()}
     np.testing.assert_array_equal(head.predict(val2), before)
 
 
 def test_triplex_objective_has_distillation_and_no_contrastive_terms(data: dict[str, Any]) -> None:
-    head = make_head("triplex", **{**SMALL, **TRAIN, "epochs": 1})
-    history = head.fit(data["train"], data["y_train"])
+    head = make_head("triplex", {**SMALL, **TRAIN, "epochs": 1})
+    history = head.fit(data["train"], data["y_train"]).history_
     parts = set(history["epochs"][0])
     assert {"fusion", "branch", "distill"} <= parts and not {"instance", "group"} & parts
     assert head.embed_image(data["val"]) is None and head.embed_genes(data["y_val"]) is None
@@ -225,8 +225,13 @@ def test_neighbour_mask_hides_masked_tiles() -> None:
 def test_neighbour_mask_hides_masked_tiles_in_full_model(fitted: dict, data: dict[str, Any]) -> None:
     val = data["val"]
     changed = val.take(np.arange(len(val)))
-    changed.neighbor = np.where(val.neighbor_mask[..., None], val.neighbor, -7.0).astype(np.float32)
-    assert not np.array_equal(changed.neighbor, val.neighbor)
+    masked_rows = np.unique(val.neighbor_index[~val.neighbor_mask])
+    used_rows = np.unique(val.neighbor_index[val.neighbor_mask])
+    only_masked = np.setdiff1d(masked_rows, used_rows)
+    assert len(only_masked) > 0
+    changed.tiles = val.tiles.copy()
+    changed.tiles[only_masked] = -7.0  # tiles that only masked slots point at
+    assert not np.array_equal(changed.tiles, val.tiles)
     np.testing.assert_allclose(fitted["genedml"].predict(changed), fitted["genedml"].predict(val), atol=1e-5)
 
 
@@ -250,14 +255,14 @@ def test_training_samples_one_dihedral_view_per_spot(data: dict[str, Any]) -> No
 
 def test_missing_neighbour_features_raise(data: dict[str, Any]) -> None:
     feats = data["train"].take(np.arange(10))
-    feats.neighbor = None
+    feats.tiles = feats.neighbor_index = None
     with pytest.raises(InputError, match="neighbour"):
-        make_head("genedml", **{**SMALL, **TRAIN, "epochs": 1}).fit(feats, data["y_train"][:10])
+        make_head("genedml", {**SMALL, **TRAIN, "epochs": 1}).fit(feats, data["y_train"][:10])
 
 
 def test_unknown_setting_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="neighbour_depth"):
-        make_head("genedml", neighbour_depth=2)
+        make_head("genedml", {"neighbour_depth": 2})
     with pytest.raises(ConfigError, match="unknown head"):
         make_head("nope")
 
@@ -279,7 +284,7 @@ def test_heads_learn_nonlinear_synthetic_signal(fitted: dict, data: dict[str, An
 
 def test_shuffled_targets_control_stays_near_zero(data: dict[str, Any]) -> None:
     shuffled = data["y_train"][np.random.default_rng(3).permutation(len(data["y_train"]))]
-    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 10})
+    head = make_head("genedml", {**SMALL, **TRAIN, "epochs": 10})
     head.fit(data["train"], shuffled)  # no validation: nothing to select a lucky epoch with
     # Chance spread on 100 spots x 8 correlated genes is about ±0.2; real learning gives > 0.8.
     assert abs(pcc(head.predict(data["val"]), data["y_val"])) < 0.35
@@ -287,9 +292,9 @@ def test_shuffled_targets_control_stays_near_zero(data: dict[str, Any]) -> None:
 
 def test_history_and_progress(data: dict[str, Any]) -> None:
     calls = []
-    head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 2})
+    head = make_head("genedml", {**SMALL, **TRAIN, "epochs": 2})
     history = head.fit(data["train"], data["y_train"], data["val"], data["y_val"],
-                       progress=lambda e, parts, p: calls.append((e, set(parts), p)))
+                       progress=lambda e, parts, p: calls.append((e, set(parts), p))).history_
     assert [c[0] for c in calls] == [0, 1] and {"loss", "regression", "instance", "group"} <= calls[0][1]
     assert history["best_epoch"] in (0, 1) and history["seconds"] > 0
     assert history["best_val_pcc"] == max(c[2] for c in calls)
@@ -319,11 +324,11 @@ def test_ridge_matches_sklearn_pipeline(fitted: dict, data: dict[str, Any]) -> N
     pipe.fit(x, data["y_train"])
     expected = pipe.predict(data["val"].local[:, 0].astype(np.float64))
     np.testing.assert_allclose(fitted["ridge"].predict(data["val"]), expected, rtol=1e-4, atol=1e-4)
-    assert fitted["ridge"].history["alpha"] == pytest.approx(alpha)
+    assert fitted["ridge"].history_["alpha"] == pytest.approx(alpha)
 
 
 def test_ridge_cv_tunes_alpha_over_slides(fitted: dict) -> None:
-    history = fitted["ridge-cv"].history
+    history = fitted["ridge-cv"].history_
     assert history["cv"].startswith("GroupKFold(3)")
     assert history["alpha"] == history["cv_alphas"][int(np.argmax(history["cv_pcc"]))]
 
@@ -334,7 +339,7 @@ def test_ridge_cv_tunes_alpha_over_slides(fitted: dict) -> None:
 def test_fit_twice_gives_identical_predictions(data: dict[str, Any]) -> None:
     preds = []
     for _ in range(2):
-        head = make_head("genedml", **{**SMALL, **TRAIN, "epochs": 3})
+        head = make_head("genedml", {**SMALL, **TRAIN, "epochs": 3})
         head.fit(data["train"], data["y_train"], data["val"], data["y_val"])
         preds.append(head.predict(data["val"]))
     np.testing.assert_array_equal(preds[0], preds[1])
@@ -348,4 +353,4 @@ def test_save_load_gives_identical_predictions(fitted: dict, data: dict[str, Any
     for loaded in (HEADS[name].load(tmp_path), load_head(tmp_path)):
         assert type(loaded) is type(head) and loaded.config() == head.config()
         np.testing.assert_array_equal(loaded.predict(data["val"]), head.predict(data["val"]))
-    assert make_head(name, **head.config()).config() == head.config()
+    assert make_head(name, head.config()).config() == head.config()

@@ -78,7 +78,7 @@ def test_predict_regression_and_retrieval_write_documented_anndata(dataset, gene
 
 def test_model_round_trip_gives_identical_predictions(dataset, genedml_model):
     root, _ = dataset
-    from genedml.cache.spots import load_spot_features
+    from genedml.spots import load_spot_features
 
     feats = load_spot_features(FeatureCache(root / "cache"), ["SYN3"], with_aug=False)
     p1 = Predictor(genedml_model.model_dir).predict(feats, None)["X"]

@@ -2,15 +2,20 @@
 
 from genedml.data.anndata_reader import read_anndata
 from genedml.data.hest import read_hest
-from genedml.data.image import ArrayImage, PillowImage, Region, RegionReader, open_image
+from genedml.data.formats import open_image
+from genedml.data.image import ArrayImage, PillowImage, Region, RegionReader
 from genedml.data.legacy_st import read_legacy_st
-from genedml.data.read import detect_format, inspect_samples, read_samples
+from genedml.data.read import READERS, detect_format, inspect_samples, read_samples
+from genedml.data.reader import Reader, ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import SampleInfo, read_samples_table
 from genedml.data.spaceranger import read_spaceranger
 from genedml.data.tiff import TiffImage
 
 __all__ = [
+    "READERS",
+    "ReadOptions",
+    "Reader",
     "ArrayImage",
     "PillowImage",
     "Region",

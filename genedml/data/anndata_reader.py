@@ -3,7 +3,6 @@ pixel size from the Visium scale factors or given. Also the AnnData → Sample s
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from genedml.data.image import RegionReader, open_image
+from genedml.data.formats import open_image
+from genedml.data.image import RegionReader
+from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
 from genedml.data.spots import check_unique
 from genedml.data.visium import fullres_mpp, image_scale
 from genedml.errors import InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 IMAGE_PATH_KEYS = ("source_image_path", "image_path", "fullres_image_path")
 
@@ -173,3 +174,16 @@ def as_reader(image: str | Path | RegionReader) -> tuple[RegionReader, str]:
     if isinstance(image, (str, Path)):
         return open_image(image), str(image)
     return image, image.path
+
+
+class AnnDataReader:
+    """One ``.h5ad`` (scanpy/squidpy convention) with its image; one sample."""
+
+    name = "anndata"
+    looks_for = "a .h5ad file (anndata)"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".h5ad"
+
+    def read(self, path: Path, options: ReadOptions) -> list[Sample]:
+        return [read_anndata(path, options.image, options.mpp, samples=options.samples, samples_table=options.samples_table)]

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from genedml.data.anndata_reader import read_h5ad, sample_from_anndata
-from genedml.data.image import open_image
+from genedml.data.formats import open_image
+from genedml.data.reader import ReadOptions, reject_image
 from genedml.data.sample import Sample
 from genedml.data.samples_table import load_samples_table, resolve_mpp, select_ids
 from genedml.errors import InputError
@@ -68,3 +69,17 @@ def _read_one(folder: Path, sample_id: str, mpp: float | None, table) -> Sample:
         where=where, patient_from_file=patient,
         meta={"path": str(h5ad), "image": str(wsi), "metadata": metadata},
     )
+
+
+class HestReader:
+    """HEST-1k layout: ``st/<id>.h5ad``, ``wsis/<id>.tif``, ``metadata/<id>.json``."""
+
+    name = "hest"
+    looks_for = "st/<id>.h5ad + wsis/ (hest)"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and bool(hest_ids(path))
+
+    def read(self, path: Path, options: ReadOptions) -> list[Sample]:
+        reject_image(self.name, path, options)
+        return read_hest(path, samples=options.samples, mpp=options.mpp, samples_table=options.samples_table)

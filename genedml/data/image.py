@@ -45,6 +45,10 @@ class RegionReader(Protocol):
 
     def read_region(self, x: int, y: int, w: int, h: int) -> Region: ...
 
+    def release(self) -> None:
+        """Drop decoded pixels or open handles (called after each sample to bound memory)."""
+        ...
+
 
 def clip_region(x: int, y: int, w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
     """Intersection of a region with the image, in image coordinates (x0, y0, x1, y1)."""
@@ -89,6 +93,9 @@ class ArrayImage:
 
     def read_region(self, x: int, y: int, w: int, h: int) -> Region:
         return padded_region(x, y, w, h, self.width, self.height, lambda x0, y0, x1, y1: self.pixels[y0:y1, x0:x1])
+
+    def release(self) -> None:
+        """Nothing to drop: the pixels are the image."""
 
 
 class PillowImage:
@@ -136,13 +143,3 @@ class PillowImage:
     def read_region(self, x: int, y: int, w: int, h: int) -> Region:
         pixels = self.decode()
         return padded_region(x, y, w, h, self.width, self.height, lambda x0, y0, x1, y1: pixels[y0:y1, x0:x1])
-
-
-def open_image(path: str | Path) -> RegionReader:
-    """Open an image by extension: TIFF/SVS lazily through tifffile, everything else through Pillow."""
-    suffix = Path(path).suffix.lower()
-    if suffix in {".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ndpi"}:
-        from genedml.data.tiff import TiffImage
-
-        return TiffImage(path)
-    return PillowImage(path)

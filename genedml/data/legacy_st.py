@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,13 +10,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from genedml.data.image import open_image
+from genedml.data.formats import open_image
+from genedml.data.reader import ReadOptions, reject_image
 from genedml.data.sample import Sample
 from genedml.data.samples_table import MPP_HINT, load_samples_table, resolve_mpp, resolve_patient, select_ids
 from genedml.data.spots import check_not_empty, check_unique, join_counts
 from genedml.errors import InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 ST_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST spots
 SELECTION_SUFFIX = "_selection.tsv"
@@ -142,3 +142,17 @@ def infer_mpp(spots: pd.DataFrame, where: str) -> float:
     mpp = ST_PITCH_UM / ((step_x + step_y) / 2)
     log.info("%s: inferred mpp %.4f µm/px from a spot pitch of %.1f x %.1f px", where, mpp, step_x, step_y)
     return float(mpp)
+
+
+class LegacySTReader:
+    """her2st layout: ``S_selection.tsv`` + ``S.tsv.gz`` + ``S.jpg`` per section."""
+
+    name = "legacy-st"
+    looks_for = "<id>_selection.tsv + <id>.tsv.gz + <id>.jpg (legacy-st)"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and bool(legacy_st_ids(path))
+
+    def read(self, path: Path, options: ReadOptions) -> list[Sample]:
+        reject_image(self.name, path, options)
+        return read_legacy_st(path, samples=options.samples, mpp=options.mpp, samples_table=options.samples_table)

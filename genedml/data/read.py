@@ -6,41 +6,42 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from genedml.data.anndata_reader import read_anndata
-from genedml.data.hest import hest_ids, read_hest
+from genedml.data.anndata_reader import AnnDataReader
+from genedml.data.hest import HestReader
 from genedml.data.image import RegionReader
-from genedml.data.legacy_st import legacy_st_ids, read_legacy_st
+from genedml.data.legacy_st import LegacySTReader
+from genedml.data.reader import Reader, ReadOptions
 from genedml.data.sample import Sample
-from genedml.data.spaceranger import read_spaceranger, spaceranger_root
+from genedml.data.spaceranger import SpaceRangerReader
 from genedml.errors import InputError
 
-FORMATS = ("legacy-st", "anndata", "hest", "spaceranger")
-LOOKED_FOR = (
-    "a .h5ad file (anndata); st/<id>.h5ad + wsis/ (hest); spatial/tissue_positions*.csv|parquet + "
-    "filtered_feature_bc_matrix.h5, also under outs/ (spaceranger); <id>_selection.tsv + <id>.tsv.gz + "
-    "<id>.jpg (legacy-st)"
-)
-
-
+# Detection order: the first reader whose `detect` says yes reads the path.
+READERS: list[Reader] = [AnnDataReader(), HestReader(), SpaceRangerReader(), LegacySTReader()]
+FORMATS = tuple(reader.name for reader in READERS)
 DEFAULT_SAMPLES_TABLE = "samples.csv"
 
 
-def detect_format(path: str | Path) -> str:
-    """Which reader fits `path`: "anndata" | "hest" | "spaceranger" | "legacy-st"."""
+def reader_for(path: str | Path, format: str | None = None) -> Reader:
+    """The reader named `format`, or the first one that detects `path`."""
     path = Path(path)
+    if format is not None:
+        match = [r for r in READERS if r.name == format]
+        if not match:
+            raise InputError(f"Unknown input format {format!r}; choose one of {list(FORMATS)}.")
+        return match[0]
     if not path.exists():
         raise InputError(f"Input not found: {path}.")
-    if path.is_file():
-        if path.suffix.lower() == ".h5ad":
-            return "anndata"
-        raise InputError(f"{path}: a file that is not .h5ad; expected {LOOKED_FOR}.")
-    if hest_ids(path):
-        return "hest"
-    if spaceranger_root(path) is not None:
-        return "spaceranger"
-    if legacy_st_ids(path):
-        return "legacy-st"
-    raise InputError(f"{path}: no known input layout found. Looked for {LOOKED_FOR}.")
+    for reader in READERS:
+        if reader.detect(path):
+            return reader
+    looked_for = "; ".join(r.looks_for for r in READERS)
+    what = "a file that is not .h5ad" if path.is_file() else "no known input layout found"
+    raise InputError(f"{path}: {what}. Looked for {looked_for}.")
+
+
+def detect_format(path: str | Path) -> str:
+    """The name of the reader that fits `path` (see `READERS`)."""
+    return reader_for(path).name
 
 
 def read_samples(
@@ -48,7 +49,7 @@ def read_samples(
     *,
     samples: Iterable[str] | str | None = None,
     mpp: float | None = None,
-    samples_table=None,
+    samples_table: Any = None,
     image: str | Path | RegionReader | None = None,
     format: str | None = None,
 ) -> list[Sample]:
@@ -57,19 +58,11 @@ def read_samples(
     `image` applies to single-sample formats (anndata, spaceranger) whose image lives elsewhere.
     A `samples.csv` (sample_id,patient_id[,mpp]) inside a dataset folder is used when no table is given.
     """
-    kind = format or detect_format(path)
-    if samples_table is None and Path(path).is_dir() and (Path(path) / DEFAULT_SAMPLES_TABLE).is_file():
-        samples_table = Path(path) / DEFAULT_SAMPLES_TABLE
-    if kind not in FORMATS:
-        raise InputError(f"Unknown input format {kind!r}; choose one of {list(FORMATS)}.")
-    common = {"samples": samples, "mpp": mpp, "samples_table": samples_table}
-    if kind in ("hest", "legacy-st"):
-        if image is not None:
-            raise InputError(f"{path}: image= applies to anndata/spaceranger inputs; {kind} finds its own images.")
-        reader = read_hest if kind == "hest" else read_legacy_st
-        return reader(path, **common)
-    reader = read_anndata if kind == "anndata" else read_spaceranger
-    return [reader(path, image, **common)]
+    path = Path(path)
+    reader = reader_for(path, format)
+    if samples_table is None and path.is_dir() and (path / DEFAULT_SAMPLES_TABLE).is_file():
+        samples_table = path / DEFAULT_SAMPLES_TABLE
+    return reader.read(path, ReadOptions(samples=samples, mpp=mpp, samples_table=samples_table, image=image))
 
 
 def inspect_samples(path: str | Path, **kwargs: Any) -> list[dict]:

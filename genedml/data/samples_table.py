@@ -3,7 +3,6 @@ and the precedence rules for patient ids and mpp."""
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -13,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from genedml.errors import InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 MPP_HINT = "Pass it with mpp=... (--mpp) or a samples table (CSV: sample_id,patient_id,mpp)."
 

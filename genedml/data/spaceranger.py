@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from genedml.data.anndata_reader import as_reader
 from genedml.data.image import RegionReader
+from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
 from genedml.data.spots import check_not_empty, check_unique, join_counts
@@ -157,3 +158,16 @@ def _open_image(image: str | Path | RegionReader | None, root: Path, where: str)
             )
         image = found[0]
     return as_reader(image)
+
+
+class SpaceRangerReader:
+    """A Space Ranger output folder (or its parent holding ``outs/``); one sample."""
+
+    name = "spaceranger"
+    looks_for = "spatial/tissue_positions*.csv|parquet + filtered_feature_bc_matrix.h5, also under outs/ (spaceranger)"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and spaceranger_root(path) is not None
+
+    def read(self, path: Path, options: ReadOptions) -> list[Sample]:
+        return [read_spaceranger(path, options.image, options.mpp, samples=options.samples, samples_table=options.samples_table)]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import scipy.sparse as sp
 
 from genedml.errors import InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 
 def check_unique(barcodes: np.ndarray, where: str, what: str = "spot table") -> None:
@@ -54,3 +53,15 @@ def join_counts(
     if not keep.all():
         log.info("%s: dropped %d of %d spots without counts", where, int((~keep).sum()), len(keep))
     return keep, sp.csr_matrix(counts)[rows[keep]]
+
+
+def snap_to_grid(centers: np.ndarray) -> np.ndarray:
+    """Integer grid positions for spots without array coordinates: pitch = median nearest-neighbour distance."""
+    centers = np.asarray(centers, dtype=np.float64)
+    if len(centers) < 2:
+        return np.zeros((len(centers), 2), dtype=np.int64)
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(centers).query(centers, k=2)
+    pitch = float(np.median(dist[:, 1])) or 1.0
+    return np.rint((centers - centers.min(axis=0)) / pitch).astype(np.int64)

@@ -3,13 +3,12 @@ which resolution (full-res, hires, lowres) an image is, so full-res coordinates 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from genedml.errors import InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 VISIUM_SPOT_UM = 55.0  # diameter of a Visium spot
 SCALE_KEYS = {"hires": "tissue_hires_scalef", "lowres": "tissue_lowres_scalef"}

@@ -86,15 +86,3 @@ def lattice_neighbors(centers: np.ndarray, fov: int, width: int, height: int) ->
     top_left = origin + unique * fov
     boxes = np.concatenate([top_left, np.full_like(top_left, fov)], axis=1).reshape(-1, 4)
     return Lattice(boxes=boxes, index=index, mask=mask)
-
-
-def snap_to_grid(centers: np.ndarray) -> np.ndarray:
-    """Integer grid positions for spots without array coordinates: pitch = median nearest-neighbour distance."""
-    centers = np.asarray(centers, dtype=np.float64)
-    if len(centers) < 2:
-        return np.zeros((len(centers), 2), dtype=np.int64)
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(centers).query(centers, k=2)
-    pitch = float(np.median(dist[:, 1])) or 1.0
-    return np.rint((centers - centers.min(axis=0)) / pitch).astype(np.int64)

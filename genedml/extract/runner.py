@@ -15,6 +15,7 @@ import torch
 import genedml
 from genedml.cache.store import FeatureCache, SampleWriter
 from genedml.data.sample import Sample
+from genedml.data.spots import snap_to_grid
 from genedml.errors import CacheMismatchError, InputError
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
@@ -181,8 +182,9 @@ def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, 
 
     writer.write("barcodes", sample.barcodes)
     writer.write("centers", sample.centers)
-    if sample.array_coords is not None:
-        writer.write("array_coords", sample.array_coords)
+    # Always recorded, so readers never have to guess the spot grid (global positional encoding, smoothing).
+    grid = sample.array_coords if sample.array_coords is not None else snap_to_grid(sample.centers)
+    writer.write("array_coords", grid)
     report.seconds = time.perf_counter() - start
     writer.attrs(
         sample_id=sample.sample_id,

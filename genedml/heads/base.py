@@ -1,116 +1,94 @@
-"""One estimator shape for every head (ridge, bleep, triplex, genedml) and the registry that names them."""
+"""One estimator shape for every head (ridge, bleep, triplex, genedml), after scikit-learn's contract.
+
+A head is built from one frozen settings dataclass (every parameter visible, nothing else), `fit` returns
+the fitted head, and fitted state lives in attributes ending in `_` (`history_`, dimensions, weights), never
+in the settings. The registry that names heads is `genedml.heads.registry`.
+"""
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import fields
+import difflib
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Self
 
 import numpy as np
 
 from genedml.errors import ConfigError, InputError, ModelDirError
 from genedml.heads.features import SpotFeatures
+from genedml.jsonio import dumps
 
 HEAD_JSON = "head.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 (genedml 0.2): settings and fitted state apart; reference attention/feed-forward layers
 
 Progress = Callable[[int, dict[str, float], float], None]  # (epoch, loss parts, validation PCC)
-
-HEADS: dict[str, type["Head"]] = {}
-H = TypeVar("H", bound=type["Head"])
-
-
-def register(name: str) -> Callable[[H], H]:
-    """Class decorator: make a head available to `make_head(name)`."""
-
-    def add(cls: H) -> H:
-        cls.name = name
-        HEADS[name] = cls
-        return cls
-
-    return add
-
-
-def make_head(name: str, **cfg: Any) -> "Head":
-    """A fresh, unfitted head by registry name with settings `cfg` (unknown settings are an error)."""
-    # Importing the implementations fills the registry; done here to keep `base` free of torch at import.
-    from genedml.heads import baselines, gene_dml  # noqa: F401
-
-    if name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
-    return HEADS[name](**cfg)
-
-
-def available_heads() -> list[str]:
-    """Names `make_head` accepts."""
-    from genedml.heads import baselines, gene_dml  # noqa: F401
-
-    return sorted(HEADS)
-
-
-def accepted_settings(name: str) -> set[str]:
-    """Setting names `make_head(name, ...)` accepts (lets a shared flag set be filtered per head)."""
-    from genedml.heads import baselines, gene_dml  # noqa: F401
-
-    if name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
-    return {f.name for cls in HEADS[name].settings_classes() for f in fields(cls)}
-
-
-def load_head(directory: str | Path) -> "Head":
-    """Load any saved head; its kind is read from head.json."""
-    from genedml.heads import baselines, gene_dml  # noqa: F401
-
-    meta = read_head_json(directory)
-    name = meta.get("head")
-    if name not in HEADS:
-        raise ModelDirError(f"{Path(directory) / HEAD_JSON} names head {name!r}, not one of {sorted(HEADS)}")
-    return HEADS[name].load(directory)
-
-
-def split_settings(cfg: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
-    """Split flat settings between config dataclasses by field name; unknown names raise ConfigError."""
-    names = [{f.name for f in fields(c)} for c in classes]
-    unknown = set(cfg) - set().union(*names)
-    if unknown:
-        valid = sorted(set().union(*names))
-        raise ConfigError(f"unknown head setting(s) {sorted(unknown)}; valid settings: {valid}")
-    return [{k: v for k, v in cfg.items() if k in n} for n in names]
 
 
 def read_head_json(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / HEAD_JSON
     if not path.is_file():
         raise ModelDirError(f"{path} not found: not a saved head directory (run `genedml fit` first)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path} is not valid JSON ({exc}); the model directory is damaged") from None
 
 
 def write_head_json(directory: str | Path, meta: dict[str, Any]) -> None:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    (path / HEAD_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, default=_jsonable))
+    (path / HEAD_JSON).write_text(dumps({"format_version": FORMAT_VERSION, **meta}))
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+FITTED_KEYS_V1 = ("in_dim", "n_genes", "bank_size")  # format 1 kept fitted dimensions inside the settings
 
 
-def read_saved(head_cls: type["Head"], directory: str | Path) -> tuple[dict[str, Any], Path]:
-    """head.json of a saved head (checked to be of `head_cls`) and the path of its weights file."""
+def read_saved(head_cls: type["Head"], directory: str | Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(settings dict, fitted-state dict, weights path) of a saved head checked to be of `head_cls`."""
     meta = read_head_json(directory)
     if meta.get("head") != head_cls.name:
         raise ModelDirError(f"{directory} holds a {meta.get('head')!r} head, not {head_cls.name!r}")
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():
         raise ModelDirError(f"{weights} not found; the model directory is incomplete")
-    return meta, weights
+    config = dict(meta.get("config", {}))
+    fitted = dict(meta.get("fitted", {}))
+    for key in FITTED_KEYS_V1:
+        if key in config:
+            fitted.setdefault(key, config.pop(key))
+    fitted["history"] = meta.get("history", {})
+    fitted["format_version"] = meta.get("format_version", 1)
+    return config, fitted, weights
+
+
+def setting_names(settings_cls: type) -> list[str]:
+    """Field names of a settings dataclass, in declaration order."""
+    return [f.name for f in fields(settings_cls)]
+
+
+def unknown_setting(key: str, valid: list[str], where: str) -> ConfigError:
+    """The error for a setting nobody accepts, naming the closest valid name."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown setting {key!r} for {where}{hint} Valid settings: {', '.join(valid)}.")
+
+
+def build_settings(settings_cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """`settings_cls(**values)` with JSON lists turned into tuples; unknown keys and bad values → ConfigError."""
+    valid = setting_names(settings_cls)
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key not in valid:
+            raise unknown_setting(key, valid, where)
+        clean[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return settings_cls(**clean)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid settings for {where}: {exc}") from None
 
 
 def check_targets(feats: SpotFeatures, y: np.ndarray, what: str = "train") -> np.ndarray:
@@ -125,14 +103,18 @@ def check_targets(feats: SpotFeatures, y: np.ndarray, what: str = "train") -> np
 
 
 class Head(ABC):
-    """Estimator interface shared by all heads."""
+    """Estimator interface shared by all heads: `Head(settings).fit(...)` → fitted head."""
 
     name: ClassVar[str] = ""
+    Settings: ClassVar[type]  # the frozen settings dataclass of this head
 
-    @classmethod
-    @abstractmethod
-    def settings_classes(cls) -> tuple[type, ...]:
-        """The config dataclasses whose fields are this head's settings."""
+    def __init__(self, settings: Any = None) -> None:
+        if settings is None:
+            settings = self.Settings()
+        if not isinstance(settings, self.Settings):
+            raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(settings).__name__}")
+        self.settings = settings
+        self.history_: dict[str, Any] = {}
 
     @abstractmethod
     def fit(
@@ -143,8 +125,8 @@ class Head(ABC):
         y_val: np.ndarray | None = None,
         *,
         progress: Progress | None = None,
-    ) -> dict[str, Any]:
-        """Fit on (train, y_train); select/early-stop on (val, y_val) when given. Returns the history."""
+    ) -> Self:
+        """Fit on (train, y_train); select/early-stop on (val, y_val) when given. History in `history_`."""
 
     @abstractmethod
     def predict(self, feats: SpotFeatures) -> np.ndarray:
@@ -162,9 +144,15 @@ class Head(ABC):
         """Points in the space the group pathway clusters, or None."""
         return None
 
-    @abstractmethod
+    @classmethod
+    def settings_from(cls, values: Mapping[str, Any]) -> Any:
+        """This head's settings from a flat mapping; an unknown key is a ConfigError naming the closest one."""
+        return build_settings(cls.Settings, values, f"the {cls.name} head")
+
     def config(self) -> dict[str, Any]:
-        """All settings, flat and JSON-able; `make_head(name, **config())` rebuilds an unfitted twin."""
+        """The settings as a flat JSON-able dict; `head_settings(name, config())` rebuilds them."""
+        out = asdict(self.settings)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @abstractmethod
     def save(self, directory: str | Path) -> None:
@@ -172,5 +160,5 @@ class Head(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, directory: str | Path) -> "Head":
+    def load(cls, directory: str | Path) -> Self:
         """Read a head written by `save`."""

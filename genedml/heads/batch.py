@@ -18,7 +18,7 @@ class Batch:
     local (B, T, D); neighbor (B, 25, D) | None; neighbor_mask (B, 25) bool | None;
     slide_tokens / slide_grid: per slide present in the batch, all of that slide's pooled tokens (M_s, D) and
     grid positions (M_s, 2); slot (B,) the index of each spot's slide in those lists; slide_pos (B,) the row
-    of each spot inside its slide's arrays.
+    of each spot inside its slide's arrays; token_weights (T,) backbone tokens per local token, or None.
     """
 
     local: torch.Tensor
@@ -28,6 +28,7 @@ class Batch:
     slide_grid: list[torch.Tensor]
     slot: torch.Tensor
     slide_pos: torch.Tensor
+    token_weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.local.shape[0])
@@ -43,17 +44,19 @@ class BatchMaker:
         need_neighbor: bool = False,
         scaler: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        if need_neighbor and feats.neighbor is None:
+        if need_neighbor and not feats.has_neighbor:
             raise InputError(
                 "the neighbour scale is enabled but the features have no `neighbor` array; "
                 "extract the cache with the neighbour scale or drop 'neighbor' from the scales"
             )
-        if feats.neighbor is not None and feats.neighbor.shape[1] != NEIGHBOR_TILES:
-            raise InputError(f"`neighbor` has {feats.neighbor.shape[1]} tiles per spot, expected {NEIGHBOR_TILES}")
+        if feats.has_neighbor and feats.neighbor_index.shape[1] != NEIGHBOR_TILES:
+            raise InputError(f"`neighbor_index` has {feats.neighbor_index.shape[1]} tiles per spot, expected {NEIGHBOR_TILES}")
         self.feats = feats
         self.device = torch.device(device)
         self.scaler = scaler
         self._slides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        weights = feats.token_weights
+        self._token_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32).to(self.device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """Backbone features as float32 on the device, standardised per dimension when a scaler is set."""
@@ -84,11 +87,11 @@ class BatchMaker:
         present = np.unique(slides)
         slot = np.searchsorted(present, slides)
         pairs = [self._slide(int(s)) for s in present]
-        neighbor = None if feats.neighbor is None else self._tensor(feats.neighbor[index])
-        mask = None
-        if feats.neighbor is not None:
-            valid = np.ones((len(index), NEIGHBOR_TILES), bool) if feats.neighbor_mask is None else feats.neighbor_mask[index]
-            mask = torch.from_numpy(np.asarray(valid, dtype=bool)).to(self.device)
+        neighbor = mask = None
+        if feats.has_neighbor:  # gathered per batch from the shared tiles (features stay compact in memory)
+            tiles, valid = feats.neighbors_of(index)
+            neighbor = self._tensor(tiles)
+            mask = torch.from_numpy(valid).to(self.device)
         return Batch(
             local=self._tensor(local),
             neighbor=neighbor,
@@ -97,4 +100,5 @@ class BatchMaker:
             slide_grid=[p[1] for p in pairs],
             slot=torch.from_numpy(slot).to(self.device),
             slide_pos=torch.from_numpy(np.asarray(feats.slide_pos[index], dtype=np.int64)).to(self.device),
+            token_weights=self._token_weights,
         )

@@ -1,30 +1,39 @@
-"""What every head consumes: cached features of a set of spots, in memory, never images."""
+"""What every head consumes: cached features of a set of spots, in memory, never images.
+
+Features stay compact until a batch is made: the cache's dtype (float16 by default) and the neighbour scale
+as one table of tiles plus each spot's 25 indices into it (a lattice tile is shared by ≈ 7 spots), so
+memory grows with the cache, not with 25 × D floats per spot. `BatchMaker` gathers a batch's tiles.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
-NEIGHBOR_TILES = 25  # 5 x 5 grid, row-major, centre tile at index 12
+from genedml.cache.schema import NEIGHBOR_TILES
+
+__all__ = ["NEIGHBOR_TILES", "SpotFeatures"]
 
 
 @dataclass
 class SpotFeatures:
     """Features of N spots drawn from one or more slides.
 
-    local:         (N, T, D) float32; token 0 is the pooled/CLS vector, tokens 1.. the pooled patch grid.
-    local_aug:     (N, 8, T, D) float32 or None; the 8 dihedral views of the local patch (view 0 = identity).
-    neighbor:      (N, 25, D) float32 or None; 5 x 5 tiles around the spot, row-major.
-    neighbor_mask: (N, 25) bool or None; True = tile on the image (valid).
-    slide:         (N,) int; index into ``sample_ids`` of each spot's slide.
-    grid:          (N, 2) int; integer grid position (x = column, y = row) of each spot on its slide, used by
-                   the global positional encoding (PEG).
-    sample_ids:    slide names, indexed by ``slide``.
-    barcodes:      (N,) str.
-    slide_local:   per slide index, the pooled vectors (M_s, D) and grid (M_s, 2) of *all* spots of that
-                   slide (the global scale sees the whole slide even when N holds only some of its spots),
-                   plus ``slide_pos``: (N,) the row of each spot inside its slide's arrays.
+    local:          (N, T, D); token 0 is the pooled/CLS vector, tokens 1.. the pooled patch grid.
+    local_aug:      (N, 8, T, D) or None; the 8 dihedral views of the local patch (view 0 = identity).
+    tiles:          (M, D) or None; encoded neighbour tiles, shared between spots.
+    neighbor_index: (N, 25) int or None; row of `tiles` for each tile of the spot's 5 x 5 grid (row-major).
+    neighbor_mask:  (N, 25) bool or None; True = tile on the image (valid).
+    slide:          (N,) int; index into ``sample_ids`` of each spot's slide.
+    grid:           (N, 2) int; grid position (x = column, y = row) of each spot on its slide (global PEG).
+    sample_ids:     slide names, indexed by ``slide``.
+    barcodes:       (N,) str.
+    token_weights:  (T,) float or None; how many backbone tokens each local token stands for.
+    slide_tokens / slide_grid: per slide index, the pooled vectors (M_s, D) and grid (M_s, 2) of *all* spots
+                    of that slide (the global scale sees the whole slide even when N holds only some of its
+                    spots), plus ``slide_pos``: (N,) the row of each spot inside its slide's arrays.
+    neighbor:       init-only convenience: (N, 25, D) per-spot tiles, stored as tiles + arange index.
     """
 
     local: np.ndarray
@@ -33,13 +42,22 @@ class SpotFeatures:
     sample_ids: list[str]
     barcodes: np.ndarray
     local_aug: np.ndarray | None = None
-    neighbor: np.ndarray | None = None
+    tiles: np.ndarray | None = None
+    neighbor_index: np.ndarray | None = None
     neighbor_mask: np.ndarray | None = None
+    token_weights: np.ndarray | None = None
     slide_tokens: dict[int, np.ndarray] = field(default_factory=dict)
     slide_grid: dict[int, np.ndarray] = field(default_factory=dict)
     slide_pos: np.ndarray | None = None
+    neighbor: InitVar[np.ndarray | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, neighbor: np.ndarray | None) -> None:
+        if neighbor is not None:
+            n = len(neighbor)
+            self.tiles = neighbor.reshape(n * neighbor.shape[1], neighbor.shape[-1])
+            self.neighbor_index = np.arange(len(self.tiles), dtype=np.int64).reshape(n, neighbor.shape[1])
+            if self.neighbor_mask is None:
+                self.neighbor_mask = np.ones(self.neighbor_index.shape, dtype=bool)
         if self.slide_pos is None:
             # Default: the N spots are exactly the slides' spots, in slide order.
             self.slide_pos = np.zeros(len(self.slide), dtype=np.int64)
@@ -56,8 +74,23 @@ class SpotFeatures:
     def dim(self) -> int:
         return int(self.local.shape[-1])
 
+    @property
+    def has_neighbor(self) -> bool:
+        return self.tiles is not None and self.neighbor_index is not None
+
+    def neighbors_of(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(len(index), 25, D) tiles in the stored dtype, zero where masked, and the (len(index), 25) mask."""
+        if not self.has_neighbor:
+            raise ValueError("these features have no neighbour scale")
+        rows = self.neighbor_index[index]
+        mask = (np.ones(rows.shape, dtype=bool) if self.neighbor_mask is None
+                else np.asarray(self.neighbor_mask[index], dtype=bool))
+        out = self.tiles[np.where(mask, rows, 0)]
+        out[~mask] = 0
+        return out, mask
+
     def take(self, index: np.ndarray) -> "SpotFeatures":
-        """Rows `index` of every per-spot array; slide-level arrays are shared (global scale unchanged)."""
+        """Rows `index` of every per-spot array; tiles and slide-level arrays are shared (global scale unchanged)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return SpotFeatures(
             local=self.local[index],
@@ -66,8 +99,10 @@ class SpotFeatures:
             sample_ids=self.sample_ids,
             barcodes=self.barcodes[index],
             local_aug=pick(self.local_aug),
-            neighbor=pick(self.neighbor),
+            tiles=self.tiles,
+            neighbor_index=pick(self.neighbor_index),
             neighbor_mask=pick(self.neighbor_mask),
+            token_weights=self.token_weights,
             slide_tokens=self.slide_tokens,
             slide_grid=self.slide_grid,
             slide_pos=self.slide_pos[index],

@@ -1,13 +1,13 @@
 """The Gene-DML model (method.md §1.2–1.3): scale encoders, fusion, gene encoder, the dual-pathway losses.
 
-Every part is a switch of `GeneDMLConfig`, so the paper's ablations are one field each. The same model with
+Every part is a switch of `GeneDMLSettings`, so the paper's ablations are one field each. The same model with
 objective="triplex" (contrastive pathways off, per-branch heads, MSE + distillation) is the TRIPLEX baseline
-on identical encoders.
+on identical encoders (`genedml.heads.triplex`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -15,22 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genedml.heads.base import register
+from genedml.errors import ConfigError
 from genedml.heads.batch import Batch
 from genedml.heads.features import SpotFeatures
 from genedml.heads.layers import FusionEncoder, GlobalEncoder, NeighborEncoder, ProjectionHead, feed_forward
 from genedml.heads.losses import GroupForm, group_loss, instance_loss, regression_loss, triplex_loss
-from genedml.heads.training import NeuralHead
+from genedml.heads.training import NeuralHead, TrainSettings
 
 SCALES = ("local", "neighbor", "global")
 
 
-@dataclass
-class GeneDMLConfig:
-    """Architecture and objective. Defaults follow the paper (HER2ST settings)."""
+@dataclass(frozen=True)
+class GeneDMLSettings(TrainSettings):
+    """Architecture, objective and optimisation. Defaults follow the paper (HER2ST settings)."""
 
-    in_dim: int = 1024  # backbone dimension D (set from the features at fit)
-    n_genes: int = 250  # G (set from the targets at fit)
     scales: tuple[str, ...] = SCALES
     objective: Literal["genedml", "triplex"] = "genedml"
     instance: bool = True  # multi-scale instance-level pathway
@@ -56,45 +54,58 @@ class GeneDMLConfig:
     fusion_heads: int = 1
     fusion_mlp_ratio: float = 2.0  # 512 → 1024
     fusion_dropout: float = 0.1
-    gene_dropout: float = 0.3
+    gene_dropout: float = 0.3  # in the gene encoder's projection head
+    gene_ff_dropout: float = 0.1  # in the gene encoder's feed-forward
     regression_hidden_ratio: float = 3.0  # 512 → 1536
     regression_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        self.scales = tuple(self.scales)
+        super().__post_init__()
+        scales = self.scales if isinstance(self.scales, (tuple, list)) else (self.scales,)
+        object.__setattr__(self, "scales", tuple(scales))
         unknown = set(self.scales) - set(SCALES)
         if unknown or not self.scales:
-            raise ValueError(f"scales must be a non-empty subset of {SCALES}, got {self.scales}")
+            raise ConfigError(f"scales must be a non-empty subset of {list(SCALES)}, got {list(self.scales)}")
+        if self.objective not in ("genedml", "triplex"):
+            raise ConfigError(f"objective must be 'genedml' or 'triplex', got {self.objective!r}")
         if self.objective == "triplex" and (self.instance or self.group):
-            raise ValueError("objective 'triplex' has no contrastive terms: set instance=False and group=False")
+            raise ConfigError("objective 'triplex' has no contrastive terms: set instance=False and group=False")
+        if self.group_form not in ("reference", "cld"):
+            raise ConfigError(f"group_form must be 'reference' or 'cld', got {self.group_form!r}")
+        for name in ("groups", "kmeans_iters", "dim", "neighbor_heads", "global_heads", "fusion_heads",
+                     "neighbor_depth", "global_depth", "fusion_depth"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"head setting {name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("tau", "tau_group"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"head setting {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("neighbor_dropout", "global_dropout", "fusion_dropout", "gene_dropout", "gene_ff_dropout", "regression_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"head setting {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.dim % self.fusion_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by fusion_heads {self.fusion_heads}")
 
     @property
     def needs_gene_encoder(self) -> bool:
         return self.instance or self.group
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["scales"] = list(self.scales)
-        return out
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GeneDMLConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    w = valid.to(x.dtype)[..., None]
-    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens (dim 1) of the valid ones, each counted `weights` times when given."""
+    w = valid.to(x.dtype)
+    if weights is not None:
+        w = w * weights.to(x.dtype)
+    w = w[..., None]
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-6)
 
 
 class GeneDMLModel(nn.Module):
     """Scale encoders → shared fc → fusion → regression head; gene encoder and cluster head for the losses."""
 
-    def __init__(self, cfg: GeneDMLConfig) -> None:
+    def __init__(self, cfg: GeneDMLSettings, in_dim: int, n_genes: int) -> None:
         super().__init__()
         self.cfg = cfg
-        d, e, g = cfg.in_dim, cfg.dim, cfg.n_genes
+        d, e, g = in_dim, cfg.dim, n_genes
         if "neighbor" in cfg.scales:
             self.neighbor_encoder = NeighborEncoder(
                 d, cfg.neighbor_depth, cfg.neighbor_heads, cfg.neighbor_mlp_ratio, cfg.neighbor_dropout
@@ -111,7 +122,7 @@ class GeneDMLModel(nn.Module):
             nn.Linear(e, hidden), nn.ReLU(), nn.Dropout(p), nn.Linear(hidden, e), nn.ReLU(), nn.Dropout(p), nn.Linear(e, g)
         )
         if cfg.needs_gene_encoder:
-            self.gene_encoder = nn.Sequential(ProjectionHead(g, e, cfg.gene_dropout), feed_forward(e, 2 * e))
+            self.gene_encoder = nn.Sequential(ProjectionHead(g, e, cfg.gene_dropout), feed_forward(e, 2 * e, cfg.gene_ff_dropout))
         if cfg.group:
             self.cluster_head = nn.Linear(e, e)
         if cfg.objective == "triplex":
@@ -150,20 +161,40 @@ class GeneDMLModel(nn.Module):
         """g: L2-normalised gene embedding (B, E)."""
         return F.normalize(self.gene_encoder(y), dim=-1)
 
-    def forward(self, batch: Batch, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Outputs: pred (B, G), f (B, E), pooled[scale] (B, E) raw, emb[scale] L2-normalised; g when y given."""
+    def forward(self, batch: Batch, y: torch.Tensor | None = None) -> dict[str, Any]:
+        """Outputs: pred (B, G); f (B, E) the mean of all fused tokens; emb[scale] (B, E) the L2-normalised
+        mean of that scale's *fused* tokens (t, n, gl of the paper); pooled[scale] the pre-fusion means (the
+        TRIPLEX branches); g when y is given.
+
+        Masked (off-image) neighbour tiles stay out of fusion and out of every mean (the reference code
+        averages them in); a local token that stands for several backbone tokens is weighted by that count.
+        """
         scales = self.encode_scales(batch)
         tokens = torch.cat([t for t, _ in scales.values()], dim=1)
         valid = torch.cat([v for _, v in scales.values()], dim=1)
-        fused = self.fusion(tokens, valid)
-        f = _masked_mean(fused, valid)
+        weights = self._token_weights(batch, scales)
+        fused = self.fusion(tokens, valid, weights)
+        f = _masked_mean(fused, valid, weights)
         out: dict[str, Any] = {"f": f, "pred": self.regression(f), "pooled": {}, "emb": {}}
+        start = 0
         for name, (t, v) in scales.items():
-            out["pooled"][name] = _masked_mean(t, v)
-            out["emb"][name] = F.normalize(out["pooled"][name], dim=-1)
+            part = slice(start, start + t.shape[1])
+            start = part.stop
+            w = None if weights is None else weights[..., part]
+            out["emb"][name] = F.normalize(_masked_mean(fused[:, part], v, w), dim=-1)
+            if self.cfg.objective == "triplex":
+                out["pooled"][name] = _masked_mean(t, v, w)
         if y is not None and self.cfg.needs_gene_encoder:
             out["g"] = self.encode_genes(y)
         return out
+
+    def _token_weights(self, batch: Batch, scales: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """(L,) backbone tokens per fused token: the cache's local-token weights, 1 for every other token."""
+        if batch.token_weights is None or "local" not in scales:
+            return None
+        parts = [batch.token_weights if name == "local" else torch.ones(t.shape[1], device=t.device)
+                 for name, (t, _) in scales.items()]
+        return torch.cat(parts).to(scales["local"][0].dtype)
 
     # -- objective ------------------------------------------------------------------------------------------
     def loss(self, out: dict[str, Any], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -195,7 +226,7 @@ class GeneDMLModel(nn.Module):
 
     @staticmethod
     def image_embedding(out: dict[str, Any]) -> torch.Tensor:
-        """Retrieval query: normalised mean of the L2-normalised scale embeddings.
+        """Retrieval query: normalised mean of the L2-normalised post-fusion scale embeddings t, n, gl.
 
         The instance loss aligns each of t, n, gl with g by cosine; the mean of unit vectors maximises the
         average cosine to g over the scales, so it is the query that lives in g's space. f is not aligned
@@ -204,18 +235,21 @@ class GeneDMLModel(nn.Module):
         return F.normalize(torch.stack(list(out["emb"].values())).mean(dim=0), dim=-1)
 
 
-@register("genedml")
 class GeneDMLHead(NeuralHead):
-    """Gene-DML as an estimator: fit/predict/embed on `SpotFeatures`."""
+    """Gene-DML as an estimator: `GeneDMLHead(GeneDMLSettings(...)).fit(...)`, then predict/embed."""
 
-    model_config_cls = GeneDMLConfig
+    name = "genedml"
+    Settings = GeneDMLSettings
+    settings: GeneDMLSettings
+
+    def __init__(self, settings: GeneDMLSettings | None = None) -> None:
+        super().__init__(settings)
 
     def build(self, in_dim: int, n_genes: int) -> nn.Module:
-        self.model_cfg.in_dim, self.model_cfg.n_genes = int(in_dim), int(n_genes)
-        return GeneDMLModel(self.model_cfg)
+        return GeneDMLModel(self.settings, in_dim, n_genes)
 
     def needs_neighbor(self) -> bool:
-        return "neighbor" in self.model_cfg.scales
+        return "neighbor" in self.settings.scales
 
     def batch_loss(self, batch: Batch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         model = self._model()
@@ -226,27 +260,27 @@ class GeneDMLHead(NeuralHead):
 
     def embed_image(self, feats: SpotFeatures) -> np.ndarray | None:
         """Normalised mean of the normalised scale embeddings (see `GeneDMLModel.image_embedding`)."""
-        if not self.model_cfg.instance:
+        if not self.settings.instance:
             return None
         return self._batches(feats, lambda b: GeneDMLModel.image_embedding(self._model()(b)))
 
     def embed_genes(self, y: np.ndarray) -> np.ndarray | None:
         """g, the L2-normalised gene embedding (None without a gene encoder)."""
-        if not self.model_cfg.needs_gene_encoder:
+        if not self.settings.needs_gene_encoder:
             return None
         model = self._model()
         model.eval()
         with torch.no_grad():
-            return model.encode_genes(self.genes_tensor(y)).cpu().numpy()
+            return model.encode_genes(self.scale_targets(y)).cpu().numpy()
 
     def cluster_space(self, feats_or_y: SpotFeatures | np.ndarray) -> np.ndarray | None:
         """u = h(f) for features, v = h(g) for targets (None without the group pathway)."""
-        if not self.model_cfg.group:
+        if not self.settings.group:
             return None
         model = self._model()
         if isinstance(feats_or_y, SpotFeatures):
             return self._batches(feats_or_y, lambda b: model.cluster_space_of(model(b)["f"]))
         model.eval()
         with torch.no_grad():
-            g = model.encode_genes(self.genes_tensor(feats_or_y))
+            g = model.encode_genes(self.scale_targets(feats_or_y))
             return model.cluster_space_of(g).cpu().numpy()

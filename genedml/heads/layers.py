@@ -26,40 +26,42 @@ def masked_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with an optional additive bias (broadcast to (B, H, L, L))."""
+    """Multi-head self-attention with an optional additive bias (broadcast to (B, H, L, L)).
+
+    As the reference modules: the qkv projection has no bias, attention probabilities are not dropped, and
+    the output projection (Linear → Dropout) exists only with more than one head (identity for one head).
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout)) if heads > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        # SDPA picks a fused (memory-efficient / flash) kernel where it can: no L x L matrix is kept.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x)) with GELU and dropout."""
+    """Pre-norm transformer block: x + Attention(LN(x)); x + FeedForward(LN(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
-        )
-        self.drop = nn.Dropout(dropout)
+        self.mlp = feed_forward(dim, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), bias))
+        x = x + self.attn(self.norm1(x), bias)
         return x + self.mlp(self.norm2(x))
 
 
@@ -149,8 +151,8 @@ class GlobalEncoder(nn.Module):
 
 
 def feed_forward(dim: int, hidden: int, dropout: float = 0.0) -> nn.Sequential:
-    """Linear → GELU → Dropout → Linear (the 512→1024→512 feed-forward of fusion and gene encoders)."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+    """Linear → GELU → Dropout → Linear → Dropout (every feed-forward of the reference modules)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
 
 class FusionEncoder(nn.Module):
@@ -161,8 +163,15 @@ class FusionEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
         self.ff = feed_forward(dim, 2 * dim, dropout)
 
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, L, E), valid (B, L) bool, weights (L,) or (B, L): backbone tokens each token stands for.
+
+        With weights, log(weight) is added to every attention logit of that key ("proportional attention"
+        of token merging), so a pooled grid of k tokens attends like the k x w tokens it replaces.
+        """
         bias = masked_bias(valid, tokens.dtype)
+        if weights is not None:
+            bias = bias + torch.log(weights.to(tokens.dtype)).expand(valid.shape)[:, None, None, :]
         x = tokens
         for block in self.blocks:
             x = block(x, bias)

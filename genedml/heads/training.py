@@ -11,24 +11,29 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genedml.errors import ModelDirError
-from genedml.heads.base import WEIGHTS, Head, Progress, check_targets, read_saved, split_settings, write_head_json
+from genedml.errors import ConfigError, ModelDirError
+from genedml.heads.base import FORMAT_VERSION, WEIGHTS, Head, Progress, check_targets, read_saved, write_head_json
 from genedml.heads.batch import Batch, BatchMaker
 from genedml.heads.features import SpotFeatures
+from genedml.metrics import mean_gene_pcc
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation settings; JSON round-trip via to_dict/from_dict."""
+TARGET_SCALINGS = ("standardize", "center", "none")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings shared by the neural heads (each head's settings extend this class)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -40,30 +45,71 @@ class TrainConfig:
     patience: int = 20
     seed: int = 2021
     device: str = "auto"  # "auto" = cuda when available, else cpu
+    # An epoch is at least this many optimiser steps (several shuffled passes over a small training set), so
+    # epochs, patience and the StepLR schedule keep the meaning they have on the paper's cohorts (≈ 25 steps
+    # per epoch at batch 512); with one or two steps per epoch the paper's settings stop before learning.
+    min_epoch_steps: int = 25
+    # Targets are centred and scaled per gene with training statistics ("standardize"), only centred
+    # ("center": the same as starting the output bias at the training means), or used as given ("none").
+    target_scaling: str = "standardize"
+    # "auto": fp16 autocast with a gradient scaler on CUDA (as the authors train), fp32 on CPU.
+    precision: str = "auto"
+    # 0 = the authors' sampling (each batch drawn from all training spots). N > 0 = slide-aware batches: each
+    # batch comes from at most N slides, so a step encodes at most N whole slides at the global scale
+    # (cohorts of many large slides); every spot is still seen once per pass.
+    batch_slides: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def __post_init__(self) -> None:
+        if self.target_scaling not in TARGET_SCALINGS:
+            raise ConfigError(f"head setting target_scaling must be one of {', '.join(TARGET_SCALINGS)}, got {self.target_scaling!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"head setting precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.batch_slides, int) or self.batch_slides < 0:
+            raise ConfigError(f"head setting batch_slides must be an integer >= 0, got {self.batch_slides!r}")
+        positive_ints = ("step_size", "batch_size", "eval_batch_size", "epochs", "patience", "min_epoch_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"head setting {name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"head setting lr must be > 0, got {self.lr!r}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"head setting gamma must be in (0, 1], got {self.gamma!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"head setting weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+            raise ConfigError(f"head setting device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype for training on `device`, or None for plain fp32."""
+        if device.type != "cuda":
+            return None  # CPU stays fp32: bf16 autocast is slower on the CPUs we measured and loses accuracy
+        return {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
 
-def mean_gene_pcc(pred: np.ndarray, y: np.ndarray) -> float:
-    """Mean over genes of Pearson r across spots; genes constant in y or pred are left out (NaN if all)."""
-    p = pred - pred.mean(axis=0)
-    t = y - y.mean(axis=0)
-    denom = np.sqrt((p**2).sum(axis=0) * (t**2).sum(axis=0))
-    ok = denom > 1e-12
-    if not ok.any():
-        return float("nan")
-    return float(((p * t).sum(axis=0)[ok] / denom[ok]).mean())
+
+def batch_order(slide: np.ndarray, batch_size: int, batch_slides: int, generator: torch.Generator) -> list[np.ndarray]:
+    """One shuffled pass over all spots as a list of batches (row indices); every spot exactly once.
+
+    batch_slides = 0: uniform shuffling over all spots (the authors' sampling). batch_slides = N: slides are
+    shuffled and taken N at a time; the spots of each group are shuffled and cut into batches, so no batch
+    spans more than N slides (a batch may be short at the end of a group).
+    """
+    if batch_slides <= 0:
+        order = torch.randperm(len(slide), generator=generator).numpy()
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    slides = np.unique(slide)
+    slides = slides[torch.randperm(len(slides), generator=generator).numpy()]
+    batches = []
+    for g in range(0, len(slides), batch_slides):
+        rows = np.flatnonzero(np.isin(slide, slides[g : g + batch_slides]))
+        rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return batches
 
 
 @contextlib.contextmanager
@@ -83,23 +129,16 @@ def deterministic(device: torch.device) -> Iterator[None]:
 class NeuralHead(Head):
     """A head backed by an nn.Module trained with `TrainConfig`. Subclasses build the model and the loss."""
 
-    model_config_cls: type
-
-    @classmethod
-    def settings_classes(cls) -> tuple[type, ...]:
-        return (cls.model_config_cls, TrainConfig)
-
-    def __init__(self, **cfg: Any) -> None:
-        model_cfg, train_cfg = split_settings(cfg, *self.settings_classes())
-        self.model_cfg = self.model_config_cls(**model_cfg)
-        self.train_cfg = TrainConfig(**train_cfg)
+    def __init__(self, settings: Any = None) -> None:
+        super().__init__(settings)
         self.model: nn.Module | None = None
-        self.history: dict[str, Any] = {}
+        self.in_dim_: int | None = None
+        self.n_genes_: int | None = None
 
     # -- subclass hooks -------------------------------------------------------------------------------------
     @abstractmethod
     def build(self, in_dim: int, n_genes: int) -> nn.Module:
-        """The model for D-dimensional features and G genes (also sets the config's dims)."""
+        """A fresh model for D-dimensional features and G genes."""
 
     @abstractmethod
     def batch_loss(self, batch: Batch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -130,17 +169,30 @@ class NeuralHead(Head):
         model = self._model()
         model.eval()
         maker = BatchMaker(feats, self.device, self.needs_neighbor(), self._scaler())
-        size = self.train_cfg.eval_batch_size
+        size = self.settings.eval_batch_size
         with torch.no_grad():
             parts = [fn(maker.make(np.arange(i, min(i + size, len(feats))))).float().cpu().numpy()
                      for i in range(0, len(feats), size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
     def predict(self, feats: SpotFeatures) -> np.ndarray:
-        return self._batches(feats, self.predict_batch)
+        """Predictions in the targets' scale (the model works on scaled targets; see `target_scaling`)."""
+        model = self._model()
+        scaled = self._batches(feats, self.predict_batch)
+        return (scaled * model.target_std.cpu().numpy() + model.target_mean.cpu().numpy()).astype(np.float32)
 
     def validation_pcc(self, val: SpotFeatures, y_val: np.ndarray) -> float:
-        return mean_gene_pcc(self.predict(val), y_val)
+        """Mean over validation slides of the slide's mean per-gene PCC (the authors' selection metric)."""
+        pred = self.predict(val)
+        per_slide = [mean_gene_pcc(pred[val.slide == s], y_val[val.slide == s]) for s in np.unique(val.slide)]
+        finite = [p for p in per_slide if np.isfinite(p)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    def scale_targets(self, y: np.ndarray) -> torch.Tensor:
+        """Targets (N, G) as the model sees them (centred/scaled with the training statistics)."""
+        model = self._model()
+        y = torch.from_numpy(np.asarray(y, dtype=np.float32)).to(self.device)
+        return (y - model.target_mean) / model.target_std
 
     def fit(
         self,
@@ -150,8 +202,8 @@ class NeuralHead(Head):
         y_val: np.ndarray | None = None,
         *,
         progress: Progress | None = None,
-    ) -> dict[str, Any]:
-        cfg = self.train_cfg
+    ) -> Self:
+        cfg = self.settings
         y_train = check_targets(train, y_train)
         if val is not None:
             y_val = check_targets(val, y_val, "validation")
@@ -159,16 +211,21 @@ class NeuralHead(Head):
         start = time.perf_counter()
         with deterministic(device):
             torch.manual_seed(cfg.seed)
-            self.model = self._with_scaler(self.build(train.dim, y_train.shape[1]), train).to(device)
+            self.in_dim_, self.n_genes_ = int(train.dim), int(y_train.shape[1])
+            model = self.build(self.in_dim_, self.n_genes_)
+            self.model = self._with_target_scaler(self._with_scaler(model, train), y_train).to(device)
             optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+            amp = cfg.autocast_dtype(device)
+            grad_scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
             generator = torch.Generator().manual_seed(cfg.seed)
             maker = BatchMaker(train, device, self.needs_neighbor(), self._scaler())
-            targets = torch.from_numpy(y_train).to(device)
+            targets = self.scale_targets(y_train)
+            passes = self.passes_per_epoch(len(train))
             epochs: list[dict[str, Any]] = []
             best = {"epoch": -1, "pcc": -np.inf, "state": None}
             for epoch in range(cfg.epochs):
-                parts = self._train_epoch(maker, targets, optimizer, generator)
+                parts = self._train_epoch(maker, targets, optimizer, generator, passes, amp, grad_scaler)
                 scheduler.step()
                 pcc = self.validation_pcc(val, y_val) if val is not None else float("nan")
                 epochs.append({"epoch": epoch, **parts, "val_pcc": pcc})
@@ -181,14 +238,35 @@ class NeuralHead(Head):
             if best["state"] is not None:
                 self.model.load_state_dict(best["state"])
             self.after_fit(train, y_train)
-        self.history = {
+        steps_per_epoch = passes * int(np.ceil(len(train) / cfg.batch_size))
+        self.history_ = {
             "epochs": epochs,
             "best_epoch": best["epoch"],
             "best_val_pcc": None if val is None else float(best["pcc"]),
-            "selection": "validation mean per-gene PCC" if val is not None else "last epoch (no validation set)",
+            "selection": ("validation: mean over slides of the per-slide mean gene PCC" if val is not None
+                          else "last epoch (no validation set)"),
+            "steps_per_epoch": steps_per_epoch,
+            "passes_per_epoch": passes,
+            "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+            "target_scaling": cfg.target_scaling,
             "seconds": time.perf_counter() - start,
         }
-        return self.history
+        return self
+
+    def passes_per_epoch(self, n_spots: int) -> int:
+        """Full shuffled passes per epoch: enough for `min_epoch_steps` optimiser steps."""
+        steps_per_pass = max(1, int(np.ceil(n_spots / self.settings.batch_size)))
+        return max(1, int(np.ceil(self.settings.min_epoch_steps / steps_per_pass)))
+
+    def _with_target_scaler(self, model: nn.Module, y_train: np.ndarray) -> nn.Module:
+        """Per-gene target statistics of the training spots, kept in the state dict (saved with the model)."""
+        y = torch.from_numpy(np.asarray(y_train, dtype=np.float64))
+        mean, std = y.mean(0), y.std(0)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))  # genes constant in training: centre only
+        mode = self.settings.target_scaling
+        model.register_buffer("target_mean", (mean if mode != "none" else torch.zeros_like(mean)).float())
+        model.register_buffer("target_std", (std if mode == "standardize" else torch.ones_like(std)).float())
+        return model
 
     @staticmethod
     def _with_scaler(model: nn.Module, train: SpotFeatures) -> nn.Module:
@@ -212,28 +290,42 @@ class NeuralHead(Head):
         return {k: v.detach().clone() for k, v in self._model().state_dict().items()}
 
     def _train_epoch(
-        self, maker: BatchMaker, targets: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator
+        self,
+        maker: BatchMaker,
+        targets: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        passes: int = 1,
+        amp: torch.dtype | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> dict[str, float]:
         model = self._model()
         model.train()
-        order = torch.randperm(len(targets), generator=generator).numpy()
         sums: dict[str, float] = {}
-        for i in range(0, len(order), self.train_cfg.batch_size):
-            index = order[i : i + self.train_cfg.batch_size]
-            batch = maker.make(index, generator)
-            loss, parts = self.batch_loss(batch, targets[torch.from_numpy(index).to(targets.device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            parts = {"loss": float(loss.detach()), **parts}
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value * len(index)
-        return {name: total / len(order) for name, total in sums.items()}
+        seen = 0
+        for _ in range(passes):
+            for index in batch_order(maker.feats.slide, self.settings.batch_size, self.settings.batch_slides, generator):
+                batch = maker.make(index, generator)
+                with torch.autocast(targets.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, parts = self.batch_loss(batch, targets[torch.from_numpy(index).to(targets.device)])
+                optimizer.zero_grad(set_to_none=True)
+                if grad_scaler is not None and grad_scaler.is_enabled():
+                    grad_scaler.scale(loss).backward()
+                    grad_scaler.step(optimizer)
+                    grad_scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                parts = {"loss": float(loss.detach()), **parts}
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + value * len(index)
+                seen += len(index)
+        return {name: total / seen for name, total in sums.items()}
 
     # -- persistence ----------------------------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """Model and training settings in one flat dict (field names do not collide)."""
-        return {**self.model_cfg.to_dict(), **self.train_cfg.to_dict()}
+    def fitted_state(self) -> dict[str, Any]:
+        """Dimensions learnt at fit (saved beside the settings, never inside them)."""
+        return {"in_dim": self.in_dim_, "n_genes": self.n_genes_}
 
     def save(self, directory: str | Path) -> None:
         model = self._model()
@@ -241,23 +333,32 @@ class NeuralHead(Head):
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path / WEIGHTS))
-        write_head_json(path, {"head": self.name, "config": self.config(), "history": self.history})
+        write_head_json(path, {"head": self.name, "config": self.config(), "fitted": self.fitted_state(), "history": self.history_})
 
     @classmethod
-    def load(cls, directory: str | Path) -> "NeuralHead":
-        meta, weights = read_saved(cls, directory)
-        head = cls(**meta["config"])
-        model = head.build(head.model_cfg.in_dim, head.model_cfg.n_genes)
-        model.register_buffer("input_mean", torch.zeros(head.model_cfg.in_dim))
-        model.register_buffer("input_std", torch.ones(head.model_cfg.in_dim))
+    def load(cls, directory: str | Path) -> Self:
+        config, fitted, weights = read_saved(cls, directory)
+        head = cls(cls.settings_from(config))
+        head.restore_fitted(fitted)
+        model = head.build(head.in_dim_, head.n_genes_)
+        model.register_buffer("input_mean", torch.zeros(head.in_dim_))
+        model.register_buffer("input_std", torch.ones(head.in_dim_))
+        model.register_buffer("target_mean", torch.zeros(head.n_genes_))
+        model.register_buffer("target_std", torch.ones(head.n_genes_))
+        if int(fitted.get("format_version", FORMAT_VERSION)) < FORMAT_VERSION:
+            raise ModelDirError(f"{directory} holds a {cls.name} head saved by genedml 0.1, whose layers differ from "
+                                "this version's (exact reference layers): refit it with `genedml fit`")
         try:
             model.load_state_dict(load_file(str(weights)))
         except RuntimeError as err:
             raise ModelDirError(f"{weights} does not match the head config in {directory}: {err}") from err
-        head.model = model.to(head.train_cfg.torch_device())
-        head.history = meta.get("history", {})
+        head.model = model.to(head.settings.torch_device())
+        head.history_ = fitted.get("history", {})
         return head
 
-    # -- embedding helpers ----------------------------------------------------------------------------------
-    def genes_tensor(self, y: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(y, dtype=np.float32)).to(self.device)
+    def restore_fitted(self, fitted: dict[str, Any]) -> None:
+        """Set the fitted dimensions read from head.json."""
+        try:
+            self.in_dim_, self.n_genes_ = int(fitted["in_dim"]), int(fitted["n_genes"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelDirError(f"head.json of this {self.name} head has no fitted dimensions (in_dim, n_genes)") from None
