@@ -19,7 +19,9 @@ def backbone_rows() -> list[dict[str, Any]]:
     """One row per registered backbone: name, arch, dim, pooling, and where its weights were found."""
     rows = []
     for spec in list_specs():
-        if spec.kind == "stats":
+        if spec.unavailable_reason:
+            found, where = False, f"cannot be built: {spec.unavailable_reason}"
+        elif spec.kind == "stats":
             found, where = True, "no weights needed (statistics)"
         else:
             try:
@@ -34,6 +36,7 @@ def backbone_rows() -> list[dict[str, Any]]:
         rows.append({
             "name": spec.name, "arch": spec.arch, "dim": spec.dim, "pooling": spec.pooling, "kind": spec.kind,
             "weights_found": found, "weights": where, "hub_id": spec.hub_id, "description": spec.description,
+            "buildable": spec.unavailable_reason is None, "unavailable_reason": spec.unavailable_reason,
         })
     return rows
 

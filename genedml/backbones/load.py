@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from genedml.backbones.adapters import POOL_PREFIX, adapt_state_dict
 from genedml.backbones.registry import BackboneSpec, get_spec
 from genedml.backbones.stats import HEStats
 from genedml.backbones.timm_encoder import TimmEncoder
@@ -94,6 +95,7 @@ class Backbone(nn.Module):
             "mean": list(spec.mean), "std": list(spec.std), "input_size": spec.input_size,
             "resize": spec.resize, "pooling": spec.pooling, "dim": spec.dim, "precision": spec.precision,
             "truncate": spec.truncate, "num_register_tokens": spec.num_register_tokens,
+            "pool_kwargs": dict(spec.pool_kwargs) or None, "state_dict_adapter": spec.state_dict_adapter,
             "timm": timm.__version__, "torch": torch.__version__, "genedml": genedml.__version__,
         }
         if self.weights == RANDOM_INIT:
@@ -125,6 +127,11 @@ def load_backbone(
     weight-free specs (tiny-vit, tiny-cnn) fall back to that when no file is found; he-stats needs none.
     """
     spec = get_spec(name)
+    if spec.unavailable_reason:
+        raise GenedmlError(
+            f"backbone '{name}' is listed for comparison but genedml cannot build it: {spec.unavailable_reason} "
+            "See docs/backbones.md for the encoders it can build."
+        )
     if random_init and weights is not None:
         raise GenedmlError(f"backbone '{name}': choose either --weights or --random-init, not both.")
     if spec.kind == "stats":
@@ -152,12 +159,24 @@ def _encoder_from_file(spec: BackboneSpec, path: Path) -> TimmEncoder:
     state = read_state_dict(path)
     with torch.device("meta"):
         encoder = TimmEncoder(spec)
-    load_into(encoder.model, state, encoder.ignored_prefixes, spec, path, assign=True)
+    if spec.state_dict_adapter:
+        state = adapt_state_dict(spec.state_dict_adapter, state, encoder.model)
+    _load_encoder(encoder, state, spec, path, assign=True)
     if not check_no_meta(encoder):
         # Some module keeps non-persistent buffers that no file holds: build for real and copy instead.
         encoder = random_encoder(spec)
-        load_into(encoder.model, state, encoder.ignored_prefixes, spec, path)
+        _load_encoder(encoder, state, spec, path, assign=False)
     return encoder.float()  # checkpoints may be fp16/bf16; autocast decides the compute precision
+
+
+def _load_encoder(encoder: TimmEncoder, state: dict[str, torch.Tensor], spec: BackboneSpec, path: Path,
+                  assign: bool) -> None:
+    """Strictly load the trunk (and, for pooling "attn", the ``pool.*`` keys into the pooling head)."""
+    if encoder.pool is not None:
+        pool = {k[len(POOL_PREFIX):]: v for k, v in state.items() if k.startswith(POOL_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(POOL_PREFIX)}
+        load_into(encoder.pool, pool, (), spec, path, assign=assign)
+    load_into(encoder.model, state, encoder.ignored_prefixes, spec, path, assign=assign)
 
 
 def _checked_device(device: torch.device | str) -> torch.device:

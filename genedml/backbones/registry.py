@@ -1,8 +1,9 @@
 """The backbone registry: one frozen `BackboneSpec` per name, plus `timm:<arch>` for any timm architecture.
 
-Adding a backbone is adding a spec; special behaviour (registers, truncation, resize) is a field, not a
-subclass. Specs are plain data (JSON-able kwargs; layer classes named by string) so they can be recorded in a
-feature cache's provenance verbatim.
+Adding a backbone is adding a spec; special behaviour (registers, truncation, resize, a checkpoint key layout,
+an attentional pooling head, "cannot be built here") is a field, not a subclass. Specs are plain data
+(JSON-able kwargs; layer classes and state-dict adapters named by string) so they can be recorded in a feature
+cache's provenance verbatim. The public pathology encoders beyond the originals live in `catalog.py`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
-Pooling = Literal["cls", "cls+mean", "avg"]
+Pooling = Literal["cls", "cls+mean", "avg", "attn"]
 Precision = Literal["fp16", "bf16", "fp32"]
 Kind = Literal["timm", "stats"]
-POOLINGS = ("cls", "cls+mean", "avg")
+POOLINGS = ("cls", "cls+mean", "avg", "attn")
+ATTN_POOL_KEYS = frozenset({"heads", "bias"})
 PRECISIONS = ("fp16", "bf16", "fp32")
 KINDS = ("timm", "stats")
 TIMM_PREFIX = "timm:"
@@ -33,10 +35,18 @@ class BackboneSpec:
     """Everything needed to build, feed and pool one frozen backbone.
 
     pooling: "cls" = CLS token; "cls+mean" = CLS ⊕ mean of patch tokens (registers excluded; dim doubles);
-    "avg" = mean of the spatial features (CNN feature map, or ViT patch tokens).
+    "avg" = mean of the spatial features (CNN feature map, or ViT patch tokens); "attn" = a learned
+    single-query attention pooler + LayerNorm over all tokens (CONCH; ``pool_kwargs`` = heads, bias; ``dim`` is
+    the pooler's width).
     resize: shorter side resized to this, then centre-cropped to ``input_size`` (None: resized straight to
     ``input_size`` only when the patch has another size).
     truncate: for ResNets, the last stage kept (e.g. "layer3"); later stages and the classifier are dropped.
+    state_dict_adapter: name of a function in `adapters.ADAPTERS` that maps the published checkpoint's keys
+    (e.g. Hugging Face transformers layout) onto the timm model; None = the file is in timm layout already.
+    hub_filename: the weights file in the ``hub_id`` repository when it is not model.safetensors or
+    pytorch_model.bin.
+    unavailable_reason: set for an encoder genedml lists but cannot build (needs code beyond timm); loading it
+    raises with this text.
     """
 
     name: str
@@ -55,10 +65,15 @@ class BackboneSpec:
     num_register_tokens: int = 0
     description: str = ""
     random_init_only: bool = False
+    pool_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    state_dict_adapter: str | None = None
+    hub_filename: str | None = None
+    unavailable_reason: str | None = None
 
     def __post_init__(self) -> None:
         # Read-only kwargs: a frozen spec must not be mutated through its dict.
         object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
+        object.__setattr__(self, "pool_kwargs", MappingProxyType(dict(self.pool_kwargs)))
         problems = []
         if not self.name or self.name != self.name.strip():
             problems.append(f"name {self.name!r} must be a non-empty string without surrounding spaces")
@@ -74,6 +89,12 @@ class BackboneSpec:
             problems.append(f"resize {self.resize} is smaller than input_size {self.input_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             problems.append(f"mean/std must be 3 values with std > 0, got {self.mean} / {self.std}")
+        if self.pooling == "attn" and set(self.pool_kwargs) != ATTN_POOL_KEYS:
+            problems.append(f"pooling 'attn' needs pool_kwargs with exactly {sorted(ATTN_POOL_KEYS)}")
+        if self.pooling != "attn" and self.pool_kwargs:
+            problems.append("pool_kwargs are only used by pooling 'attn'")
+        if self.unavailable_reason is not None and not self.unavailable_reason.strip():
+            problems.append("unavailable_reason, when set, must say why")
         if problems:
             raise GenedmlError(f"invalid backbone spec '{self.name}': " + "; ".join(problems) + ".")
 
@@ -89,7 +110,9 @@ class BackboneSpec:
             "mean": list(self.mean), "std": list(self.std), "input_size": self.input_size,
             "resize": self.resize, "pooling": self.pooling, "precision": self.precision, "hub_id": self.hub_id,
             "kind": self.kind, "truncate": self.truncate, "num_register_tokens": self.num_register_tokens,
-            "random_init_only": self.random_init_only,
+            "random_init_only": self.random_init_only, "pool_kwargs": dict(self.pool_kwargs) or None,
+            "state_dict_adapter": self.state_dict_adapter, "hub_filename": self.hub_filename,
+            "unavailable_reason": self.unavailable_reason,
         }
 
 
@@ -230,4 +253,9 @@ for _spec in (
                     "dark-pixel fraction and gradient texture per patch or grid cell; needs no weights.",
     ),
 ):
+    register(_spec)
+
+from genedml.backbones.catalog import CATALOG  # noqa: E402  (catalog.py imports BackboneSpec from here)
+
+for _spec in CATALOG:
     register(_spec)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genedml.backbones.attn_pool import AttentionalPool, cell_membership
 from genedml.backbones.registry import BackboneSpec
 from genedml.errors import GenedmlError
 
@@ -25,7 +26,11 @@ def timm_kwargs(spec: BackboneSpec) -> dict[str, Any]:
 
 
 class TimmEncoder(nn.Module):
-    """A timm model without classifier; `tokens` pools its features per the spec's pooling rule."""
+    """A timm model without classifier; `tokens` pools its features per the spec's pooling rule.
+
+    With pooling "attn" the encoder also owns `pool`, an attentional pooling head (CONCH) whose checkpoint
+    keys are ``pool.*``; every other spec has ``pool = None``.
+    """
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
@@ -54,6 +59,11 @@ class TimmEncoder(nn.Module):
                 f"backbone '{spec.name}': pooling '{spec.pooling}' needs a ViT with a CLS token; "
                 f"{spec.arch} has none (use pooling 'avg')."
             )
+        self.pool: AttentionalPool | None = None
+        if spec.pooling == "attn":
+            if not self.is_vit:
+                raise GenedmlError(f"backbone '{spec.name}': pooling 'attn' needs a ViT trunk, {spec.arch} is not one.")
+            self.pool = AttentionalPool(spec.dim, int(self.model.num_features), **dict(spec.pool_kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled vector [B, D] (token 0 of `tokens`)."""
@@ -64,7 +74,9 @@ class TimmEncoder(nn.Module):
 
         For "cls+mean" (Virchow2) every token keeps the pooled layout: token 0 = CLS ⊕ mean of all patch
         tokens, cell token = CLS ⊕ mean of the patch tokens in that cell, so each cell reads like the pooled
-        vector restricted to its area (and their mean ≈ token 0).
+        vector restricted to its area (and their mean ≈ token 0). For "attn" (CONCH) token 0 is the pooler over
+        all tokens (CLS included, as CONCH does) and a cell token is the same pooler attending only to the
+        patch tokens of that cell.
         """
         features = self.model.forward_features(x)
         cls = None
@@ -80,6 +92,11 @@ class TimmEncoder(nn.Module):
                 pooled = cls
             elif self.spec.pooling == "cls+mean":
                 pooled = torch.cat([cls, patches.mean(1)], -1)
+            elif self.spec.pooling == "attn":
+                pooled = self.pool(features)[:, 0]
+                if token_grid > 0:
+                    cells = self.pool(patches, cell_membership(height, width, token_grid, patches.device))
+                    return torch.cat([pooled[:, None], cells], 1)
             else:
                 pooled = patches.mean(1)
         if token_grid <= 0:

@@ -20,7 +20,7 @@ from genedml.backbones.registry import BackboneSpec
 from genedml.errors import InputError, MissingWeightsError, WeightsMismatchError
 
 WEIGHTS_ENV = "GENEDML_WEIGHTS_DIR"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".torch")  # .torch: Lunit's release files
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm / HF repos of these models hold
 STRIPPED_PREFIXES = ("module.", "model.", "backbone.")
 NESTED_KEYS = ("state_dict", "model", "teacher")
@@ -49,12 +49,13 @@ def find_weights(
         path = Path(weights).expanduser()
         if not path.exists():
             raise MissingWeightsError(f"weights for backbone '{spec.name}' not found: {path} does not exist.")
-        return WeightsSource(weights_in_folder(path) if path.is_dir() else _checked_file(path), "explicit")
+        return WeightsSource(weights_in_folder(path, hub_filenames(spec)) if path.is_dir() else _checked_file(path),
+                             "explicit")
     root = weights_dir()
     if root is not None and (root / spec.weights_dirname).is_dir():
-        return WeightsSource(weights_in_folder(root / spec.weights_dirname), "weights-dir")
+        return WeightsSource(weights_in_folder(root / spec.weights_dirname, hub_filenames(spec)), "weights-dir")
     if spec.hub_id:
-        cached = hf_cached_file(spec.hub_id)
+        cached = hf_cached_file(spec.hub_id, hub_filenames(spec))
         if cached is not None:
             return WeightsSource(cached, "hf-cache")
         if allow_download:
@@ -62,9 +63,14 @@ def find_weights(
     return None
 
 
-def weights_in_folder(folder: Path) -> Path:
-    """The one weights file of a folder (model.safetensors / pytorch_model.bin preferred when several)."""
-    for preferred in HUB_FILENAMES:
+def hub_filenames(spec: BackboneSpec) -> tuple[str, ...]:
+    """The weights file names looked for in the spec's hub repository (its own name first, when it has one)."""
+    return (spec.hub_filename, *HUB_FILENAMES) if spec.hub_filename else HUB_FILENAMES
+
+
+def weights_in_folder(folder: Path, preferred_names: tuple[str, ...] = HUB_FILENAMES) -> Path:
+    """The one weights file of a folder (the hub's file names preferred when there are several)."""
+    for preferred in preferred_names:
         if (folder / preferred).is_file():
             return folder / preferred
     candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
@@ -90,14 +96,14 @@ def hf_cache_dir() -> Path | None:
     return Path(constants.HF_HUB_CACHE)
 
 
-def hf_cached_file(hub_id: str) -> Path | None:
+def hf_cached_file(hub_id: str, filenames: tuple[str, ...] = HUB_FILENAMES) -> Path | None:
     """A weights file of `hub_id` already in the local HF cache; never touches the network."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
     cache = hf_cache_dir()
-    for filename in HUB_FILENAMES:
+    for filename in filenames:
         found = try_to_load_from_cache(hub_id, filename, cache_dir=cache)
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)
@@ -112,7 +118,7 @@ def missing_weights_message(spec: BackboneSpec) -> str:
            f"{spec.hub_id}` on a machine with internet; searched {hf_cache_dir()})") if spec.hub_id else ""
     return (
         f"No weights for backbone '{spec.name}' ({spec.arch}). Put the weights file "
-        f"({' or '.join(HUB_FILENAMES)}) in {folder}, or pass --weights PATH (a file or a folder){hub}. "
+        f"({' or '.join(hub_filenames(spec))}) in {folder}, or pass --weights PATH (a file or a folder){hub}. "
         f"Use --random-init only for tests and speed checks (random features carry no biology). "
         f"`genedml doctor` shows where each backbone's weights are looked for."
     )
@@ -207,7 +213,7 @@ def _download(spec: BackboneSpec) -> Path:
     from huggingface_hub import hf_hub_download
 
     errors = []
-    for filename in HUB_FILENAMES:
+    for filename in hub_filenames(spec):
         try:
             return Path(hf_hub_download(spec.hub_id, filename, cache_dir=hf_cache_dir()))
         except Exception as err:  # network, auth, offline mode, missing file: all reported together below
