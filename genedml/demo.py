@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from genedml.errors import InputError
-from genedml.log import log
 
 
 METRIC_KEYS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")

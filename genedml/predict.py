@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache, settings_diff

@@ -10,7 +10,7 @@ checkpoints use the Hugging Face transformers (or CONCH's) key layout name a sta
 
 from __future__ import annotations
 
-from genedml.backbones.registry import HOPTIMUS_MEAN, HOPTIMUS_STD, BackboneSpec
+from genedml.backbones.spec import HOPTIMUS_MEAN, HOPTIMUS_STD, BackboneSpec
 
 HALF = (0.5, 0.5, 0.5)  # kaiko (Midnight, ViT-S/B/L) and timm's "inception" normalisation (MUSK)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
