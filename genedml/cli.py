@@ -154,7 +154,7 @@ def extract(
     samples: Optional[str] = typer.Option(None, help="Comma-separated sample ids (default: all)."),
     scales: str = typer.Option("local,neighbor", help="local[,neighbor] (global is derived at fit time)."),
     neighbor_mode: str = typer.Option("lattice", help="lattice (shared tiles, fast) or exact (25 tiles per spot)."),
-    local_tokens: str = typer.Option("cls", help="cls | 2x2 | 4x4 pooled patch-token grid kept besides the pooled vector."),
+    local_tokens: str = typer.Option("cls", help="cls | 2x2 | 4x4 pooled patch-token grid kept besides the pooled vector | all (every patch token, as the reference model)."),
     augment: Optional[str] = typer.Option(None, help="dihedral: also store the 8 flip/rotation views of the local patch."),
     mpp_target: Optional[float] = typer.Option(None, help="Target µm/px of the patches (default: the slide's own)."),
     patch_px: int = typer.Option(224, help="Patch side in pixels fed to the backbone."),

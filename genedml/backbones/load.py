@@ -13,7 +13,7 @@ from torch import nn
 from genedml.backbones.adapters import POOL_PREFIX, adapt_state_dict
 from genedml.backbones.registry import BackboneSpec, get_spec
 from genedml.backbones.stats import HEStats
-from genedml.backbones.timm_encoder import TimmEncoder
+from genedml.backbones.timm_encoder import ALL_TOKENS, TimmEncoder
 from genedml.backbones.transforms import preprocess
 from genedml.backbones.weights import (
     check_no_meta,
@@ -53,7 +53,13 @@ class Backbone(nn.Module):
             self.encoder.to(memory_format=torch.channels_last)
         self.eval()
         self.requires_grad_(False)
-        dim = int(self.encode(np.zeros((1, spec.input_size, spec.input_size, 3), np.uint8)).shape[-1])
+        probe = np.zeros((1, spec.input_size, spec.input_size, 3), np.uint8)
+        dim = int(self.encode(probe).shape[-1])
+        # Patch tokens of the native feature map (196 for a ViT-*/16 at 224 px, 49 for a ResNet's 7 x 7):
+        # how many backbone tokens a pooled or gridded cached token stands for. None without a token map.
+        self.native_tokens: int | None = None
+        if isinstance(encoder, TimmEncoder) and spec.pooling != "attn":
+            self.native_tokens = int(self.encode(probe, ALL_TOKENS).shape[1]) - 1
         if dim != spec.dim:
             raise GenedmlError(
                 f"backbone '{spec.name}' ({spec.arch}) produces {dim}-d features but its spec registers "
@@ -70,9 +76,9 @@ class Backbone(nn.Module):
 
     @torch.inference_mode()
     def encode(self, batch_uint8: torch.Tensor | np.ndarray, token_grid: int = 0) -> torch.Tensor:
-        """Tokens [B, 1 + token_grid², D], float32 on this backbone's device."""
-        if not (isinstance(token_grid, int) and token_grid >= 0):
-            raise GenedmlError(f"token_grid must be an integer >= 0, got {token_grid!r}.")
+        """Tokens [B, 1 + token_grid², D] (or [B, 1 + native patch tokens, D] for ALL_TOKENS), float32."""
+        if not (isinstance(token_grid, int) and (token_grid >= 0 or token_grid == ALL_TOKENS)):
+            raise GenedmlError(f"token_grid must be an integer >= 0 (or ALL_TOKENS), got {token_grid!r}.")
         x = self.preprocess(batch_uint8)
         with self._autocast():
             tokens = self.encoder.tokens(x, token_grid)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genedml.errors import GenedmlError
+
 # Ruifrok & Johnston (2001) stain OD vectors, rows = haematoxylin, eosin, DAB (as in skimage.color).
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 QUANTILES = (0.1, 0.5, 0.9)
@@ -45,6 +47,8 @@ class HEStats(nn.Module):
 
     def tokens(self, x: torch.Tensor, token_grid: int) -> torch.Tensor:
         """Statistics of the whole patch, then of each cell of a token_grid × token_grid grid, row-major."""
+        if token_grid < 0:
+            raise GenedmlError("he-stats has no patch tokens: --local-tokens all needs a timm backbone")
         with torch.autocast(device_type=x.device.type, enabled=False):
             maps = self._pixel_maps(x.float().clamp(0, 1))
             whole = self._region_stats(maps.flatten(2))[:, None]

@@ -13,6 +13,9 @@ from genedml.backbones.registry import BackboneSpec
 from genedml.errors import GenedmlError
 
 
+ALL_TOKENS = -1  # token_grid value that keeps every patch token instead of a pooled grid
+
+
 def timm_kwargs(spec: BackboneSpec) -> dict[str, Any]:
     """The spec's kwargs for timm.create_model: `*_layer` strings naming timm.layers classes become classes."""
     import timm.layers
@@ -72,6 +75,9 @@ class TimmEncoder(nn.Module):
     def tokens(self, x: torch.Tensor, token_grid: int) -> torch.Tensor:
         """[B, 1 + token_grid², D]: the pooled vector, then the feature map average-pooled to a grid, row-major.
 
+        token_grid = ALL_TOKENS keeps every patch token (CLS + 196 for a ViT-*/16 at 224 px: the sequence the
+        reference Gene-DML model fuses).
+
         For "cls+mean" (Virchow2) every token keeps the pooled layout: token 0 = CLS ⊕ mean of all patch
         tokens, cell token = CLS ⊕ mean of the patch tokens in that cell, so each cell reads like the pooled
         vector restricted to its area (and their mean ≈ token 0). For "attn" (CONCH) token 0 is the pooler over
@@ -94,14 +100,20 @@ class TimmEncoder(nn.Module):
                 pooled = torch.cat([cls, patches.mean(1)], -1)
             elif self.spec.pooling == "attn":
                 pooled = self.pool(features)[:, 0]
+                if token_grid == ALL_TOKENS:
+                    raise GenedmlError(f"backbone '{self.spec.name}' pools with attention: --local-tokens all is "
+                                       "not defined for it; use cls, 2x2 or 4x4")
                 if token_grid > 0:
                     cells = self.pool(patches, cell_membership(height, width, token_grid, patches.device))
                     return torch.cat([pooled[:, None], cells], 1)
             else:
                 pooled = patches.mean(1)
-        if token_grid <= 0:
+        if token_grid == 0:
             return pooled[:, None]
-        cells = F.adaptive_avg_pool2d(feature_map, token_grid).flatten(2).transpose(1, 2)
+        if token_grid == ALL_TOKENS:
+            cells = feature_map.flatten(2).transpose(1, 2)
+        else:
+            cells = F.adaptive_avg_pool2d(feature_map, token_grid).flatten(2).transpose(1, 2)
         if self.spec.pooling == "cls+mean":
             cells = torch.cat([cls[:, None].expand(-1, cells.shape[1], -1), cells], -1)
         return torch.cat([pooled[:, None], cells], 1)

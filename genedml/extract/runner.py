@@ -17,13 +17,14 @@ from genedml.cache.store import FeatureCache, SampleWriter
 from genedml.data.sample import Sample
 from genedml.data.spots import snap_to_grid
 from genedml.errors import CacheMismatchError, InputError
+from genedml.backbones.timm_encoder import ALL_TOKENS
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
 
 log = logging.getLogger("genedml")
 
 SCALES = ("local", "neighbor")
-TOKEN_GRIDS = {"cls": 0, "2x2": 2, "4x4": 4}
+TOKEN_GRIDS = {"cls": 0, "2x2": 2, "4x4": 4, "all": ALL_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Encoder:
     def encode(self, image: Any, boxes: np.ndarray, token_grid: int = 0, views: bool = False) -> np.ndarray:
         """(M, T, D) features of `boxes` — or (M, 8, T, D) with `views` (dihedral augmentation)."""
         s = self.settings
-        n_tokens = 1 + token_grid**2
+        n_tokens = 1 + (self.backbone.native_tokens if token_grid == ALL_TOKENS else token_grid**2)
         dim = self.backbone.dim
         shape = (len(boxes), 8, n_tokens, dim) if views else (len(boxes), n_tokens, dim)
         out = np.zeros(shape, dtype=self.out_dtype)
@@ -142,6 +143,22 @@ class Encoder:
             self.on_batch(len(x))
             self.heartbeat()
         return out
+
+
+def local_token_weights(token_grid: int, native_tokens: int | None) -> list[float] | None:
+    """How many backbone tokens each cached local token stands for (None for a backbone without a token map).
+
+    The reference model fuses CLS + every patch token; a compact cache keeps fewer. Counting the pooled token
+    as the whole patch (cls) or each grid cell as its share of the patch tokens lets the head weight them so
+    the local patch keeps its share of the fused sequence (proportional attention, weighted means).
+    """
+    if native_tokens is None:
+        return None
+    if token_grid == 0:
+        return [1.0 + native_tokens]
+    if token_grid == ALL_TOKENS:
+        return [1.0] * (1 + native_tokens)
+    return [1.0] + [native_tokens / token_grid**2] * token_grid**2
 
 
 def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, writer: SampleWriter) -> SampleReport:
@@ -180,6 +197,7 @@ def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, 
             writer.write("neighbor_mask", lattice.mask)
             report.tiles_neighbor = len(lattice.boxes)
 
+    weights = local_token_weights(token_grid, getattr(encoder.backbone, "native_tokens", None))
     writer.write("barcodes", sample.barcodes)
     writer.write("centers", sample.centers)
     # Always recorded, so readers never have to guess the spot grid (global positional encoding, smoothing).
@@ -198,6 +216,7 @@ def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, 
         fov_um=fov * sample.mpp,
         neighbor_fov_um=5 * fov * sample.mpp,
         n_spots=sample.n_spots,
+        local_token_weights=weights,
         tiles_encoded={"local": report.tiles_local, "neighbor": report.tiles_neighbor, "augment": report.tiles_augment},
         seconds=round(report.seconds, 3),
     )
@@ -231,6 +250,9 @@ def run_extraction(
     `advance(n_tiles)`, `sample_done(report)` (the CLI passes a rich progress bar).
     """
     device = resolve_device(settings.device)
+    if settings.local_tokens == "all" and getattr(backbone, "native_tokens", None) is None:
+        raise InputError(f"--local-tokens all needs a backbone with a patch-token map; {backbone.spec.name} has none "
+                         "(use cls, 2x2 or 4x4).")
     cache = FeatureCache(cache_dir, settings.cache_settings(backbone.provenance()))
     if progress is not None:
         progress.start(sum(s.n_spots for s in samples))

@@ -58,6 +58,10 @@ class GeneDMLSettings(TrainSettings):
     gene_ff_dropout: float = 0.1  # in the gene encoder's feed-forward
     regression_hidden_ratio: float = 3.0  # 512 → 1536
     regression_dropout: float = 0.1
+    # Weight each cached local token by the backbone tokens it stands for (cache attribute
+    # local_token_weights): proportional attention in fusion and weighted means, so a compact cache keeps the
+    # local patch's share of f that the reference model's 197 local tokens have.
+    local_token_weighting: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,7 +194,7 @@ class GeneDMLModel(nn.Module):
 
     def _token_weights(self, batch: Batch, scales: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
         """(L,) backbone tokens per fused token: the cache's local-token weights, 1 for every other token."""
-        if batch.token_weights is None or "local" not in scales:
+        if batch.token_weights is None or "local" not in scales or not self.cfg.local_token_weighting:
             return None
         parts = [batch.token_weights if name == "local" else torch.ones(t.shape[1], device=t.device)
                  for name, (t, _) in scales.items()]

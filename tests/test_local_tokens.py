@@ -1,0 +1,72 @@
+"""Local-token layouts of the cache: every patch token (`all`) and the weights of compact layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genedml.backbones import load_backbone
+from genedml.cache import FeatureCache
+from genedml.data.synthetic import make_synthetic_sample
+from genedml.errors import InputError
+from genedml.extract.runner import ExtractSettings, local_token_weights, run_extraction
+from genedml.heads.registry import make_head
+from genedml.spots import load_spot_features
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return load_backbone("tiny-vit", random_init=True)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return make_synthetic_sample("S0", grid=(4, 4), seed=3, n_genes=10)
+
+
+def test_weights_count_the_backbone_tokens_each_cached_token_stands_for() -> None:
+    assert local_token_weights(0, 196) == [197.0]
+    assert local_token_weights(-1, 196) == [1.0] * 197
+    assert local_token_weights(4, 196) == [1.0] + [12.25] * 16
+    assert local_token_weights(2, None) is None  # no token map (he-stats)
+    for grid in (0, 2, 4, -1):  # every layout stands for the same 197 tokens
+        assert sum(local_token_weights(grid, 196)) == pytest.approx(197.0)
+
+
+def test_all_layout_caches_every_patch_token_and_pooled_grids_are_their_means(tmp_path, tiny_vit, sample) -> None:
+    base = dict(dtype="float32", scales=("local",))
+    run_extraction([sample], tiny_vit, tmp_path / "all", ExtractSettings(local_tokens="all", **base))
+    run_extraction([sample], tiny_vit, tmp_path / "2x2", ExtractSettings(local_tokens="2x2", **base))
+    full = load_spot_features(FeatureCache(tmp_path / "all"), ["S0"])
+    grid = load_spot_features(FeatureCache(tmp_path / "2x2"), ["S0"])
+    n = tiny_vit.native_tokens
+    side = int(round(np.sqrt(n)))
+    assert full.local.shape[1] == 1 + n and side * side == n
+    np.testing.assert_allclose(full.local[:, 0], grid.local[:, 0], rtol=1e-4, atol=1e-5)  # same pooled token
+    patches = full.local[:, 1:].reshape(len(full), side, side, -1)
+    half = side // 2
+    top_left = patches[:, :half, :half].reshape(len(full), -1, full.dim).mean(1)
+    np.testing.assert_allclose(grid.local[:, 1], top_left, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(full.token_weights, np.ones(1 + n, np.float32))
+    np.testing.assert_allclose(grid.token_weights, [1.0] + [n / 4] * 4)
+
+
+def test_all_layout_needs_a_token_map(tmp_path, sample) -> None:
+    stats = load_backbone("he-stats", random_init=True)
+    with pytest.raises(InputError, match="all"):
+        run_extraction([sample], stats, tmp_path / "c", ExtractSettings(local_tokens="all", scales=("local",)))
+
+
+def test_weighted_and_unweighted_heads_differ_only_through_the_weights(tmp_path, tiny_vit, sample) -> None:
+    run_extraction([sample], tiny_vit, tmp_path / "c", ExtractSettings(local_tokens="2x2", scales=("local",), dtype="float32"))
+    feats = load_spot_features(FeatureCache(tmp_path / "c"), ["S0"])
+    y = np.random.default_rng(0).normal(size=(len(feats), 3)).astype(np.float32)
+    small = {"dim": 16, "groups": 2, "scales": ["local", "global"], "global_depth": 1, "global_heads": 2, "epochs": 1,
+             "min_epoch_steps": 1, "batch_size": 8, "device": "cpu"}
+    preds = []
+    for weighting in (True, False):
+        torch.manual_seed(0)
+        head = make_head("genedml", {**small, "local_token_weighting": weighting}).fit(feats, y)
+        preds.append(head.predict(feats))
+    assert not np.allclose(preds[0], preds[1])
