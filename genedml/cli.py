@@ -205,6 +205,35 @@ def export_h5_cmd(
     console.print(f"export-h5: wrote {len(paths)} files to {out_dir}")
 
 
+# --------------------------------------------------------------------------------------------- cache
+cache_app = typer.Typer(help="Check feature caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache: Path = typer.Argument(..., help="Feature cache directory."),
+    deep: bool = typer.Option(False, "--deep", help="Also recompute checksums and read every value (reads the whole cache)."),
+) -> None:
+    """Find damaged samples: lost chunk files (and with --deep, changed chunks or missing values). Exit 1 if any."""
+    from genedml.cache import FeatureCache
+    from genedml.cache.verify import verify_cache
+
+    checks = verify_cache(FeatureCache(cache), deep=deep)
+    for check in checks:
+        status = "ok" if check.ok else "[red]DAMAGED[/red]"
+        console.print(f"{escape(check.sample_id)}: {status}" + "".join(f"\n  - {escape(p)}" for p in check.problems + check.notes))
+    bad = [c.sample_id for c in checks if not c.ok]
+    if bad:
+        console.print(
+            escape(f"cache verify: {len(bad)} of {len(checks)} samples damaged in {cache}. Re-extract them with the flags "
+                   f"the cache was made with: genedml extract DATA --cache {cache} --samples {','.join(bad)} --overwrite"),
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    console.print(escape(f"cache verify: {len(checks)} samples ok in {cache}") + (" (deep)" if deep else " (chunk files present; --deep reads them)"))
+
+
 # ----------------------------------------------------------------------------------------------- fit
 @app.command()
 def fit(
