@@ -171,6 +171,8 @@ def extract(
             f"{summary['spots']} spots in {summary['seconds']}s ({summary['spots_per_s']} spots/s), "
             f"{summary['tiles_per_spot']} tiles encoded per spot → {cache}"
         )
+        if summary.get("locked"):
+            console.print(f"skipped, being written by another process: {', '.join(summary['locked'])} (re-run to check they finished)")
         if summary.get("weights") == "random-init":
             console.print("[yellow]weights: random-init — these features carry no pretrained knowledge (not a biology result).[/yellow]")
 
