@@ -191,6 +191,8 @@ def extract(
             f"{summary['spots']} spots in {summary['seconds']}s ({summary['spots_per_s']} spots/s), "
             f"{summary['tiles_per_spot']} tiles encoded per spot → {cache}"
         )
+        if summary.get("locked"):
+            console.print(f"skipped, being written by another process: {', '.join(summary['locked'])} (re-run to check they finished)")
         if summary.get("weights") == "random-init":
             console.print("[yellow]weights: random-init — these features carry no pretrained knowledge (not a biology result).[/yellow]")
 
@@ -223,6 +225,35 @@ def export_h5_cmd(
 
     paths = export_h5(FeatureCache(cache), out_dir, _csv(samples))
     console.print(f"export-h5: wrote {len(paths)} files to {out_dir}")
+
+
+# --------------------------------------------------------------------------------------------- cache
+cache_app = typer.Typer(help="Check feature caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache: Path = typer.Argument(..., help="Feature cache directory."),
+    deep: bool = typer.Option(False, "--deep", help="Also recompute checksums and read every value (reads the whole cache)."),
+) -> None:
+    """Find damaged samples: lost chunk files (and with --deep, changed chunks or missing values). Exit 1 if any."""
+    from genedml.cache import FeatureCache
+    from genedml.cache.verify import verify_cache
+
+    checks = verify_cache(FeatureCache(cache), deep=deep)
+    for check in checks:
+        status = "ok" if check.ok else "[red]DAMAGED[/red]"
+        console.print(f"{escape(check.sample_id)}: {status}" + "".join(f"\n  - {escape(p)}" for p in check.problems + check.notes))
+    bad = [c.sample_id for c in checks if not c.ok]
+    if bad:
+        console.print(
+            escape(f"cache verify: {len(bad)} of {len(checks)} samples damaged in {cache}. Re-extract them with the flags "
+                   f"the cache was made with: genedml extract DATA --cache {cache} --samples {','.join(bad)} --overwrite"),
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    console.print(escape(f"cache verify: {len(checks)} samples ok in {cache}") + (" (deep)" if deep else " (chunk files present; --deep reads them)"))
 
 
 # ----------------------------------------------------------------------------------------------- fit

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -172,9 +171,9 @@ def test_killed_rank_leaves_nothing_complete_and_rerun_finishes_only_the_rest(tm
 def test_a_failing_rank_does_not_leave_the_others_waiting(tmp_path):
     data = _dataset(tmp_path / "data", GRIDS)
     cache = tmp_path / "cache"
-    (cache / ".locks").mkdir(parents=True)
-    # A live writer (this test process) holds S2, which only rank 1 extracts: rank 1 fails, rank 0 does not.
-    (cache / ".locks" / "S2.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": 0}))
+    # S2, which only rank 1 extracts, has a truncated image: rank 1 fails, rank 0 does not.
+    image = data / "S2.jpg"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])
     start = time.time()
     run = _run([*TORCHRUN, *_extract_args(data, cache, "--scales", "local", "--batch-size", "8", "--workers", "0")], timeout=120)
     assert run.returncode != 0
@@ -182,5 +181,5 @@ def test_a_failing_rank_does_not_leave_the_others_waiting(tmp_path):
     assert "extraction failed on 1 of 2 ranks" in run.stderr and "S2" in run.stderr
     manifest = json.loads((cache / "manifest.json").read_text())
     assert not manifest["complete"] and manifest["missing"] == ["S2"]
-    assert "CacheLockedError" in manifest["errors"]["1"]
+    assert "ImageError" in manifest["errors"]["1"]
     assert FeatureCache(cache).samples() == ["S0", "S1"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +22,7 @@ from genedml.data.synthetic import make_synthetic_sample, write_synthetic_datase
 from genedml.errors import CacheMismatchError
 from genedml.extract.geometry import CENTRE_TILE, Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, read_patches
-from genedml.extract.runner import ExtractSettings, run_extraction
+from genedml.extract.runner import ExtractSettings, reports_summary, run_extraction
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +151,63 @@ def test_killed_extraction_resumes_without_recompute(tmp_path):
     b = load_spot_features(FeatureCache(cache), ["B"])
     assert len(b) == large.n_spots and np.isfinite(b.tiles).all() and np.abs(b.local).sum() > 0
     assert not (cache / ".locks" / "B.lock").exists()
+
+
+def test_a_sample_locked_by_a_live_writer_is_skipped_and_listed_not_fatal(tmp_path, tiny_vit, sample):
+    other = make_synthetic_sample("S1", grid=(4, 4), seed=2, n_genes=20)
+    settings = ExtractSettings(scales=("local",))
+    cache = FeatureCache(tmp_path / "c", settings.cache_settings(tiny_vit.provenance()))
+    with cache.lock("S0"):  # another worker of the job array is writing S0
+        reports = run_extraction([sample, other], tiny_vit, tmp_path / "c", settings)
+    assert [(r.sample_id, r.status) for r in reports] == [("S0", "locked"), ("S1", "extracted")]
+    summary = reports_summary(reports)
+    assert summary["locked"] == ["S0"] and summary["samples_extracted"] == 1 and summary["samples_skipped"] == 0
+    assert FeatureCache(tmp_path / "c").samples() == ["S1"]
+
+
+def test_job_array_workers_share_one_cache_and_each_sample_is_extracted_once(tmp_path):
+    samples = [make_synthetic_sample(f"S{i}", grid=(6, 6), seed=i, n_genes=12) for i in range(4)]
+    data = write_synthetic_dataset(tmp_path / "data", samples)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "genedml", "extract", str(data), "--backbone", "tiny-vit", "--random-init",
+           "--cache", str(cache), "--scales", "local", "--batch-size", "4", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (cache / ".locks").mkdir(parents=True)
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    (cache / ".locks" / "S3.lock").write_text(json.dumps(live))  # a third worker (this test) is writing S3
+    workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outs):
+        assert worker.returncode == 0, err[-3000:]
+    text = [" ".join((out + err).split()) for out, err in outs]
+    extracted = [int(t.split(" samples extracted")[0].rsplit("extract: ", 1)[1]) for t in text]
+    assert sum(extracted) == 3  # S0-S2 once each, between the two workers
+    listed = [t.split("skipped, being written by another process: ")[1].split(" (re-run")[0].split(", ") for t in text]
+    assert all("S3" in ids for ids in listed), text  # each worker ends with the samples it left to others
+    assert FeatureCache(cache).samples() == ["S0", "S1", "S2"]
+    assert [p.name for p in (cache / ".locks").iterdir()] == ["S3.lock"]
+
+
+def test_a_complete_sample_with_a_lost_chunk_is_extracted_again(tmp_path, tiny_vit, sample, caplog):
+    settings = ExtractSettings(scales=("local",))
+    run_extraction([sample], tiny_vit, tmp_path / "c", settings)
+    good = FeatureCache(tmp_path / "c").read("S0").local
+    (tmp_path / "c" / "S0" / "barcodes" / "c" / "0").unlink()
+    with caplog.at_level(logging.INFO, logger="genedml"):
+        (redo,) = run_extraction([sample], tiny_vit, tmp_path / "c", settings)
+    assert redo.status == "extracted"
+    assert "S0 is damaged" in caplog.text and "'barcodes': 1 chunk file(s) missing" in caplog.text
+    np.testing.assert_array_equal(FeatureCache(tmp_path / "c").read("S0").local, good)
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "features.zarr").write_text("not a cache")
+    cmd = [sys.executable, "-m", "genedml", "extract", str(tmp_path / "no-data-here"), "--backbone", "tiny-vit",
+           "--random-init", "--cache", str(tmp_path / "features.zarr")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    err = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "Traceback" not in err
+    assert "features.zarr is a file, not a directory" in err  # not the missing data: checked first
 
 
 @pytest.mark.realdata

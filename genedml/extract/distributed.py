@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genedml.cache.store import FeatureCache
+from genedml.cache.store import FeatureCache, check_cache_path
 from genedml.data.sample import Sample
 from genedml.errors import GenedmlError
 from genedml.extract.runner import ExtractSettings, reports_summary, resolve_device, run_extraction
@@ -124,6 +124,7 @@ def _extract_share(
     reports: list[Any] = []
     summary: dict[str, Any] = {"reports": [], "weights": None}
     try:
+        check_cache_path(Path(cache_dir))  # before reading data or loading a model
         device = str(resolve_device(settings.device))
         if world > 1 and device.startswith("cuda"):
             device = f"cuda:{local_rank}"  # one device per rank
@@ -223,8 +224,11 @@ def write_manifest(
         "settings": cache.settings,
     }
     tmp = Path(cache_dir) / f".manifest.{os.getpid()}.json"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, Path(cache_dir) / "manifest.json")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(tmp, Path(cache_dir) / "manifest.json")
+    except OSError as exc:  # e.g. a read-only cache whose samples were all complete: nothing else to write
+        log.warning("could not write %s: %s", Path(cache_dir) / "manifest.json", exc.strerror or exc)
     if missing:
         log.warning("cache %s is missing %d samples: %s (re-run extract to finish them)", cache_dir, len(missing), missing)
     return summary

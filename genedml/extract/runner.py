@@ -14,10 +14,11 @@ import torch
 
 import genedml
 from genedml.cache.store import FeatureCache, SampleWriter
+from genedml.cache.verify import check_sample
 from genedml.data.sample import Sample
-from genedml.data.spots import snap_to_grid
-from genedml.errors import CacheMismatchError, InputError
 from genedml.backbones.timm_encoder import ALL_TOKENS
+from genedml.data.spots import snap_to_grid
+from genedml.errors import CacheLockedError, CacheMismatchError, InputError
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
 
@@ -81,7 +82,7 @@ class ExtractSettings:
 @dataclass
 class SampleReport:
     sample_id: str
-    status: str  # "extracted" | "skipped"
+    status: str  # "extracted" | "skipped" (complete) | "locked" (another process is writing it)
     spots: int
     tiles_local: int = 0
     tiles_neighbor: int = 0
@@ -246,6 +247,8 @@ def run_extraction(
 ) -> list[SampleReport]:
     """Extract `samples` into the cache at `cache_dir`; complete samples are skipped unless `overwrite`.
 
+    Independent processes may run this on one cache (a job array): a sample another live process is
+    writing is skipped with status "locked" (see `reports_summary`), not an error.
     `progress` is an optional object with `start(total_spots)`, `sample(sample_id, total_tiles)`,
     `advance(n_tiles)`, `sample_done(report)` (the CLI passes a rich progress bar).
     """
@@ -259,26 +262,51 @@ def run_extraction(
     encoder = Encoder(backbone, settings, device, on_batch=(progress.advance if progress else lambda n: None))
     reports = []
     for sample in samples:
-        if cache.is_complete(sample.sample_id) and not overwrite:
-            check_cached_sample(cache, sample)
+        if not overwrite and is_usable(cache, sample):
             log.info("skip %s: already complete in %s (use --overwrite to redo)", sample.sample_id, cache.root)
             report = SampleReport(sample.sample_id, "skipped", sample.n_spots)
         else:
             if progress is not None:
                 progress.sample(sample.sample_id, planned_tiles(sample, settings))
-            with cache.writing(sample.sample_id) as writer:
-                report = extract_sample(sample, encoder, settings, writer)
+            try:
+                report = _extract_locked(cache, sample, encoder, settings, overwrite)
+            except CacheLockedError as exc:
+                log.info("skip %s: %s", sample.sample_id, exc)
+                report = SampleReport(sample.sample_id, "locked", sample.n_spots)
             release = getattr(sample.image, "release", None)
             if release is not None:
                 release()  # free the decoded slide before the next sample
-            log.info(
-                "%s: %d spots, %d local + %d neighbour tiles encoded (%.2f per spot) in %.1fs",
-                sample.sample_id, report.spots, report.tiles_local, report.tiles_neighbor, report.tiles_per_spot, report.seconds,
-            )
         if progress is not None:
             progress.sample_done(report)
         reports.append(report)
     return reports
+
+
+def is_usable(cache: FeatureCache, sample: Sample) -> bool:
+    """Complete with all chunk files present and the data's spots; a damaged sample is logged and redone."""
+    if not cache.is_complete(sample.sample_id):
+        return False
+    check = check_sample(cache, sample.sample_id)
+    if not check.ok:
+        log.warning("%s is damaged in %s (%s): extracting it again", sample.sample_id, cache.root, "; ".join(check.problems))
+        return False
+    check_cached_sample(cache, sample)
+    return True
+
+
+def _extract_locked(cache: FeatureCache, sample: Sample, encoder: Encoder, settings: ExtractSettings, overwrite: bool) -> SampleReport:
+    """Extract one sample under its lock (unless another process completed it meanwhile)."""
+    with cache.writing(sample.sample_id) as writer:
+        if not overwrite and cache.is_complete(sample.sample_id) and check_sample(cache, sample.sample_id).ok:
+            writer.abandon()  # finished by another process between our check and taking the lock
+            log.info("skip %s: completed by another process", sample.sample_id)
+            return SampleReport(sample.sample_id, "skipped", sample.n_spots)
+        report = extract_sample(sample, encoder, settings, writer)
+    log.info(
+        "%s: %d spots, %d local + %d neighbour tiles encoded (%.2f per spot) in %.1fs",
+        sample.sample_id, report.spots, report.tiles_local, report.tiles_neighbor, report.tiles_per_spot, report.seconds,
+    )
+    return report
 
 
 def planned_tiles(sample: Sample, settings: ExtractSettings) -> int:
@@ -294,14 +322,19 @@ def planned_tiles(sample: Sample, settings: ExtractSettings) -> int:
 
 
 def reports_summary(reports: Sequence[SampleReport | dict[str, Any]]) -> dict[str, Any]:
-    """Totals over sample reports (objects or their dicts, e.g. gathered from several ranks)."""
+    """Totals over sample reports (objects or their dicts, e.g. gathered from several ranks).
+
+    "samples_skipped" counts samples already complete; "locked" lists those skipped because another
+    process was writing them (they are done only if that process finishes).
+    """
     rows = [r if isinstance(r, dict) else asdict(r) for r in reports]
     done = [r for r in rows if r["status"] == "extracted"]
     spots = sum(r["spots"] for r in done)
     seconds = sum(r["seconds"] for r in done)
     return {
         "samples_extracted": len(done),
-        "samples_skipped": len(rows) - len(done),
+        "samples_skipped": sum(r["status"] == "skipped" for r in rows),
+        "locked": [r["sample_id"] for r in rows if r["status"] == "locked"],
         "spots": spots,
         "seconds": round(seconds, 2),
         "spots_per_s": round(spots / seconds, 2) if seconds else None,
