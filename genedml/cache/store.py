@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import zarr
 
-from genedml.cache.verify import integrity_record, missing_chunks
+from genedml.cache.chunks import integrity_record, missing_chunks
+from genedml.jsonio import jsonable
 from genedml.errors import CacheLockedError, CacheMismatchError, GenedmlError, InputError
 
 log = logging.getLogger("genedml")
@@ -62,11 +63,6 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in INFORMATIONAL_KEYS}
-
-
-def jsonable(value: Any) -> Any:
-    """JSON round-trip: tuples become lists, numpy scalars Python numbers, anything else its str()."""
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def settings_diff(stored: dict[str, Any], requested: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
