@@ -286,7 +286,7 @@ def fit(
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     seed: int = typer.Option(2021, help="Random seed."),
     expect_backbone: Optional[str] = typer.Option(None, help="Refuse a cache made with another backbone."),
-    index: str = typer.Option("flat", help="Retrieval index over the reference bank: flat (exact) or ivf (very large banks)."),
+    index: str = typer.Option("flat", help="Retrieval index over the reference bank: flat (exact), ivf, or ivfpq (10⁶+ spots; compressed, re-ranked exactly)."),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE, e.g. dim=128 or neighbor_depth=2 (repeatable)."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,

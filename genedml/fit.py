@@ -242,7 +242,7 @@ def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, s
     bank = ReferenceBank(emb, y_train, sample_ids, train.barcodes, genes=spec.panel)
     bank.save(out / BANK_DIR)
     index = build_index(bank.embeddings, kind=settings.index)
-    save_index(index, out / BANK_DIR / "index.faiss")
+    save_index(index, out / BANK_DIR)  # writes retrieval.INDEX_FILE there
     k = int(getattr(settings.head, "groups", 18))
     protos = fit_prototypes(bank.embeddings, y_train, k, settings.seed)
     protos.save(out / PROTOTYPES)

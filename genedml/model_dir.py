@@ -25,6 +25,7 @@ CONFIG = "config.json"
 TARGETS = "targets.json"
 HEAD_DIR = "head"
 BANK_DIR = "bank"
+INDEX_FILE = "index.faiss"  # the FAISS index inside BANK_DIR (fit writes it, predict reads it)
 PROTOTYPES = "prototypes.safetensors"
 
 

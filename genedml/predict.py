@@ -16,7 +16,7 @@ from genedml.cache.store import FeatureCache, settings_diff
 from genedml.errors import CacheMismatchError, ModelDirError
 from genedml.heads.features import SpotFeatures
 from genedml.output import write_prediction
-from genedml.model_dir import BANK_DIR, HEAD_DIR, PROTOTYPES, Prototypes, read_config, read_targets
+from genedml.model_dir import BANK_DIR, HEAD_DIR, INDEX_FILE, PROTOTYPES, Prototypes, read_config, read_targets
 from genedml.log import log
 
 
@@ -54,7 +54,7 @@ class Predictor:
 
     @property
     def has_bank(self) -> bool:
-        return (self.model_dir / BANK_DIR / "index.faiss").is_file()
+        return (self.model_dir / BANK_DIR / INDEX_FILE).is_file()
 
     def bank(self) -> tuple[Any, Any]:
         if self._bank is None:
@@ -64,7 +64,7 @@ class Predictor:
                 reason = self.config.get("bank", {}).get("reason", "no reference bank in the model dir")
                 raise ModelDirError(f"--retrieve-k needs a reference bank: {reason}. Use --model genedml or bleep.")
             self._bank = ReferenceBank.load(self.model_dir / BANK_DIR)
-            self._index = load_index(self.model_dir / BANK_DIR / "index.faiss")
+            self._index = load_index(self.model_dir / BANK_DIR)
         return self._bank, self._index
 
     def prototypes(self) -> Prototypes | None:

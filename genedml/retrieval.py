@@ -17,13 +17,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
+from genedml.model_dir import INDEX_FILE
 from genedml.errors import GenedmlError, InputError, ModelDirError
 
 logger = logging.getLogger("genedml")
@@ -32,7 +33,15 @@ Weighting = Literal["uniform", "softmax", "inverse-l1"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "softmax", "inverse-l1")
 BANK_TENSORS = "bank.safetensors"
 BANK_META = "bank.json"
-INDEX_FILE = "retrieval.faiss"
+INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "ivfpq")
+IndexKind = Literal["flat", "ivf", "ivfpq"]
+_INDEX_FORMAT = "genedml.retrieval_index"
+_POINTS_PER_LIST = 39  # fewer training points per k-means centroid makes faiss warn and degrade
+_TRAIN_POINTS_PER_LIST = 64  # k-means trains on at most this many points per centroid (bounds build time)
+_MAX_NLIST = 65536
+_PQ_NBITS = 8  # 256 centroids per sub-quantiser: one byte per sub-vector
+_MAX_PQ_M = 64
+RERANK_FACTOR = 4  # an ivfpq search shortlists this many x k candidates, re-ranked exactly from the bank
 _BANK_FORMAT = "genedml.reference_bank"
 _L1_EPS = 1e-6  # guards 1 / d^2 when a query coincides with a neighbour (then that neighbour dominates)
 _GPU_MAX_K = 2048  # faiss GPU k-selection limit
@@ -185,7 +194,10 @@ def _place(index: faiss.Index, use_gpu: bool | None) -> faiss.Index:
     if _GPU_RESOURCES is None:
         _GPU_RESOURCES = faiss.StandardGpuResources()
     logger.info("faiss: GPU index on device 0 (%s)", why)
-    return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
+    options = faiss.GpuClonerOptions()
+    # IVF-PQ: float16 lookup tables (64 sub-quantisers x 256 centroids in float32 exceed 48 KB shared memory).
+    options.useFloat16 = isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ)
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index, options)
 
 
 def _is_gpu(index: faiss.Index) -> bool:
@@ -205,13 +217,61 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf.nprobe = int(min(nprobe, ivf.nlist))
 
 
-def build_index(embeddings: np.ndarray, kind: Literal["flat", "ivf"] = "flat", nlist: int | None = None,
-                nprobe: int | None = None, use_gpu: bool | None = None) -> faiss.Index:
+def default_nlist(m: int) -> int:
+    """IVF lists for a bank of `m` spots: ~4 sqrt(m), at least 39 spots per list, at most 65,536."""
+    return max(1, min(round(4 * math.sqrt(m)), m // _POINTS_PER_LIST, _MAX_NLIST))
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantisers (code bytes) for `dim`-d vectors: the largest divisor of dim <= min(dim / 4, 64).
+
+    A byte per 4 dimensions up to 256-d; 64 bytes above (faiss' GPU IVF-PQ handles at most 96).
+    """
+    return max(d for d in range(1, max(1, min(dim // 4, _MAX_PQ_M)) + 1) if dim % d == 0)
+
+
+def min_ivfpq_spots(nbits: int = _PQ_NBITS) -> int:
+    """Smallest bank an ivfpq index trains on: 39 points per centroid of each 2^nbits sub-quantiser."""
+    return _POINTS_PER_LIST * 2 ** nbits
+
+
+def _ivf_lists(m: int, nlist: int | None) -> int:
+    nlist = nlist or default_nlist(m)
+    if nlist > m:
+        warnings.warn(f"nlist={nlist} exceeds the bank size {m}; using nlist={m}.", stacklevel=3)
+        nlist = m
+    return nlist
+
+
+def _ivfpq(x: np.ndarray, nlist: int | None, pq_m: int | None, nbits: int) -> faiss.Index:
+    """An untrained IVF-PQ index for `x`, or an InputError when the bank is too small or m does not fit."""
+    m, dim = x.shape
+    if m < min_ivfpq_spots(nbits):
+        raise InputError(
+            f"an 'ivfpq' index needs at least {min_ivfpq_spots(nbits):,} reference spots to train its "
+            f"{2 ** nbits}-centroid product quantisers ({_POINTS_PER_LIST} per centroid); this bank has {m:,}. "
+            "Use index kind 'flat' (exact, fine up to a few million spots) or 'ivf'.")
+    pq_m = pq_m or default_pq_m(dim)
+    if dim % pq_m:
+        raise InputError(f"pq_m={pq_m} sub-quantisers must divide the embedding dimension {dim}; "
+                         f"try {default_pq_m(dim)}.")
+    return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, _ivf_lists(m, nlist), pq_m, nbits,
+                            faiss.METRIC_INNER_PRODUCT)
+
+
+def build_index(embeddings: np.ndarray, kind: IndexKind = "flat", nlist: int | None = None,
+                nprobe: int | None = None, use_gpu: bool | None = None, pq_m: int | None = None,
+                nbits: int = _PQ_NBITS) -> faiss.Index:
     """Inner-product index over L2-normalised `embeddings` (cosine similarity).
 
-    ``flat`` is exact (fine up to a few million spots); ``ivf`` clusters the bank into `nlist` lists
-    (default ~4 sqrt(M), at most M / 39), trained on the bank itself, and scans `nprobe` of them per
-    query (default nlist / 8; nprobe = nlist is exact). `use_gpu` None = GPU when faiss sees one.
+    ``flat`` is exact (fine up to a few million spots). ``ivf`` clusters the bank into `nlist` lists
+    (default ~4 sqrt(M), at least 39 spots per list, at most 65,536; k-means on at most 64 spots per list)
+    and scans `nprobe` of them per query (default nlist / 8; nprobe = nlist is exact). ``ivfpq`` is ``ivf``
+    with each vector stored as a product-quantised code of `pq_m` bytes (default: a sub-quantiser per 4
+    dimensions up to 64 bytes, see `default_pq_m`) instead of 4 * dim bytes, for banks of 10^6-10^7
+    spots; it needs at least 9,984 spots to train. Its scores are approximate even at nprobe = nlist, so
+    `retrieve_predict` re-ranks its shortlist exactly (`search_bank`). `use_gpu` None = GPU when faiss
+    sees one. `index_params` reads the chosen settings back.
     """
     x = np.asarray(embeddings)
     _check_matrix("bank embeddings", x)
@@ -221,42 +281,84 @@ def build_index(embeddings: np.ndarray, kind: Literal["flat", "ivf"] = "flat", n
     m, dim = x.shape
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
-        # ~4 sqrt(M) lists, but at least 39 points per list (fewer makes faiss' k-means warn and degrade).
-        nlist = nlist or max(1, min(round(4 * math.sqrt(m)), m // 39))
-        if nlist > m:
-            warnings.warn(f"nlist={nlist} exceeds the bank size {m}; using nlist={m}.", stacklevel=2)
-            nlist = m
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)  # faiss' Python wrapper keeps `quantizer` alive as long as `index`
-        set_nprobe(index, nprobe or max(1, nlist // 8))
+    elif kind in ("ivf", "ivfpq"):
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, _ivf_lists(m, nlist),
+                                       faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = _ivfpq(x, nlist, pq_m, nbits)
+        index.cp.max_points_per_centroid = _TRAIN_POINTS_PER_LIST  # faiss subsamples, seeded
+        index.train(x)  # faiss' Python wrapper keeps the quantizer alive as long as `index`
+        set_nprobe(index, nprobe or max(1, index.nlist // 8))
     else:
-        raise GenedmlError(f"unknown index kind {kind!r}: choose 'flat' (exact) or 'ivf' (large banks).")
+        raise GenedmlError(f"unknown index kind {kind!r}: choose 'flat' (exact), 'ivf' (large banks) or "
+                           "'ivfpq' (10^6+ spots, compressed).")
     index.add(x)
     return _place(index, use_gpu)
 
 
-def save_index(index: faiss.Index, path: str | Path) -> Path:
-    """Write `index` with faiss.write_index (a GPU index is copied to CPU first)."""
+def index_params(index: faiss.Index) -> dict[str, Any]:
+    """The kind and settings of an index, read from the index itself (what save_index records and
+    load_index logs). A GPU index is copied to the CPU to read them."""
+    cpu = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
+    params: dict[str, Any] = {"kind": "flat", "metric": "inner product on L2-normalised embeddings",
+                              "spots": int(cpu.ntotal), "dim": int(cpu.d)}
+    try:
+        ivf = faiss.extract_index_ivf(cpu)
+    except RuntimeError:  # not an IVF index
+        return params
+    params.update(kind="ivf", nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))
+    pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    if pq is not None:
+        params.update(kind="ivfpq", pq_m=int(pq.M), nbits=int(pq.nbits), code_bytes=int(pq.code_size))
+    return params
+
+
+def describe_index(params: dict[str, Any]) -> str:
+    """One line for logs: 'ivfpq index, 1,000,000 spots x 256-d, nlist=4000 nprobe=500 pq_m=64 nbits=8'."""
+    settings = " ".join(f"{k}={params[k]}" for k in ("nlist", "nprobe", "pq_m", "nbits") if k in params)
+    return f"{params['kind']} index, {params['spots']:,} spots x {params['dim']}-d" + (f", {settings}" if settings else "")
+
+
+def _index_path(path: str | Path) -> Path:
     path = Path(path)
+    return path / INDEX_FILE if path.is_dir() else path
+
+
+def index_meta_path(path: str | Path) -> Path:
+    """The JSON record written beside an index file: index.faiss -> index.json."""
+    return Path(path).with_suffix(".json")
+
+
+def save_index(index: faiss.Index, path: str | Path) -> Path:
+    """Write `index` with faiss.write_index (a GPU index is copied to CPU first) and its kind and
+    settings (`index_params`) as JSON beside it. `path`: a file, or an existing directory (a model's
+    bank directory) to write INDEX_FILE into. Returns the index file's path."""
+    path = _index_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(cpu, str(tmp))
+    meta = index_meta_path(path)
+    tmp_meta = meta.with_name(meta.name + ".tmp")
+    tmp_meta.write_text(json.dumps({"format": _INDEX_FORMAT, "version": 1, "file": path.name,
+                                    "faiss": faiss.__version__} | index_params(cpu), indent=2))
     os.replace(tmp, path)
+    os.replace(tmp_meta, meta)
     return path
 
 
 def load_index(path: str | Path, use_gpu: bool | None = None) -> faiss.Index:
-    """Read an index written by `save_index`, on GPU when asked/available."""
-    path = Path(path)
+    """Read an index written by `save_index` (a file, or a directory holding INDEX_FILE), on GPU when
+    asked/available; logs its kind and settings."""
+    path = _index_path(path)
     if not path.is_file():
         raise ModelDirError(f"No retrieval index at {path}: was this model fitted with a reference bank?")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as exc:
         raise ModelDirError(f"{path} is not a readable faiss index ({exc}).") from exc
+    logger.info("faiss: loaded %s from %s", describe_index(index_params(index)), path)
     return _place(index, use_gpu)
 
 
@@ -306,6 +408,52 @@ def brute_force_topk(bank: "ReferenceBank | np.ndarray", queries: np.ndarray, k:
         sims.append(values)
         idxs.append(indices)
     return torch.cat(sims).numpy(), torch.cat(idxs).numpy().astype(np.int64)
+
+
+def _is_pq(index: faiss.Index) -> bool:
+    """Whether `index` scores with product-quantised codes (approximate similarities)."""
+    if _is_gpu(index):
+        return "IVFPQ" in type(index).__name__
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ)
+
+
+def rerank(bank_embeddings: np.ndarray, queries: np.ndarray, candidates: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query among its `candidates` (bank rows; -1 = none), by cosine similarity with
+    the bank's unit-row float32 embeddings (a ReferenceBank's): (similarity (Q, k) float32, index (Q, k)
+    int64, -1 where there are fewer candidates)."""
+    q = l2_normalise(queries)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    n, width = candidates.shape
+    k = min(int(k), width)
+    step = max(1, _CHUNK_BYTES // max(1, width * q.shape[1] * 4))
+    similarity = np.empty((n, k), dtype=np.float32)
+    neighbor_idx = np.empty((n, k), dtype=np.int64)
+    for s in range(0, n, step):
+        cand = candidates[s:s + step]
+        score = np.einsum("qkd,qd->qk", bank_embeddings[np.maximum(cand, 0)], q[s:s + step])
+        score[cand < 0] = -np.inf
+        order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+        similarity[s:s + step] = np.take_along_axis(score, order, axis=1)
+        neighbor_idx[s:s + step] = np.where(np.isfinite(similarity[s:s + step]),
+                                            np.take_along_axis(cand, order, axis=1), -1)
+    return similarity, neighbor_idx
+
+
+def search_bank(index: faiss.Index, bank_embeddings: np.ndarray, queries: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`search`, except that an ivfpq index only shortlists RERANK_FACTOR * k candidates, which are then
+    ranked exactly from the bank's embeddings: PQ scores alone found 64-71% of the exact top 10 at 10^5-10^6
+    spots, the shortlist 99-100% (benchmarks/RESULTS.md), and the bank holds the embeddings anyway."""
+    if not _is_pq(index):
+        return search(index, queries, k)
+    if k > index.ntotal:
+        warnings.warn(f"k={k} exceeds the reference bank size {index.ntotal}; using k={index.ntotal}.",
+                      stacklevel=3)
+    cap = _GPU_MAX_K if _is_gpu(index) else index.ntotal
+    shortlist = max(min(RERANK_FACTOR * int(k), index.ntotal, cap), min(int(k), index.ntotal))
+    _, candidates = search(index, queries, shortlist)
+    return rerank(bank_embeddings, queries, candidates, k)
 
 
 # ---------------------------------------------------------------------------------------- aggregate
@@ -402,7 +550,7 @@ def retrieve_predict(bank: ReferenceBank, index: faiss.Index, queries: np.ndarra
                             "they come from different fits; rebuild the index from the bank.")
     if blend_w < 1.0 and regressed is None:
         raise GenedmlError(f"blend weight {blend_w} < 1 needs the regression prediction to blend with.")
-    similarity, neighbor_idx = search(index, queries, k)
+    similarity, neighbor_idx = search_bank(index, bank.embeddings, queries, k)
     needs_l1 = weighting == "inverse-l1"
     retrieved = aggregate(bank.expression, neighbor_idx, similarity, weighting, tau,
                           query=queries if needs_l1 else None,

@@ -103,3 +103,54 @@ def test_corrupt_tile_raises_image_error_on_read(tmp_path: Path, pyramid: Path) 
     assert image.read_region(0, 0, 16, 16).pixels.shape == (16, 16, 3)  # other tiles still read
     with pytest.raises(ImageError, match="corrupt.tif"):
         image.read_region(5 * TILE + 3, 3, 10, 10)
+
+
+def test_tile_cache_decodes_a_shared_tile_once_and_stays_bounded(pyramid: Path, slide: np.ndarray) -> None:
+    tile_bytes = TILE * TILE * 3
+    image = TiffImage(pyramid, tile_cache_mb=2 * tile_bytes / 2**20)  # room for two decoded tiles
+    for _ in range(2):  # the same tile twice: decoded once, then served from the cache
+        np.testing.assert_array_equal(image.read_region(300, 530, 200, 200).pixels, slide[530:730, 300:500])
+    assert (image.chunks_read, image.cache_hits, image.bytes_decoded) == (1, 1, tile_bytes)
+    region = image.read_region(1000, 700, 224, 224)  # four other tiles: the cache keeps the last two
+    np.testing.assert_array_equal(region.pixels, slide[700:924, 1000:1224])
+    assert image.chunks_read == 5 and len(image._tiles) == 2 and image._tiles.nbytes == 2 * tile_bytes
+    image.read_region(300, 530, 200, 200)  # evicted: decoded again
+    assert image.chunks_read == 6
+    image.release()
+    assert len(image._tiles) == 0 and image._tiles.nbytes == 0
+
+
+def test_tile_cache_off_decodes_every_read(pyramid: Path) -> None:
+    image = TiffImage(pyramid, tile_cache_mb=0)
+    image.read_region(300, 530, 200, 200)
+    image.read_region(300, 530, 200, 200)
+    assert (image.chunks_read, image.cache_hits, len(image._tiles)) == (2, 0, 0)
+
+
+def test_gigapixel_bigtiff_opens_small_and_decodes_only_the_tiles_of_a_region(tmp_path: Path) -> None:
+    """A 51,200 x 51,200 px JPEG BigTIFF (40,000 tiles; a whole level would be 7.9 GB decoded)."""
+    import resource
+
+    side, tile = 51_200, 256
+    colours = [np.full((tile, tile, 3), c, np.uint8) for c in ((230, 200, 220), (120, 60, 140))]
+    scratch = tmp_path / "two_tiles.tif"
+    tifffile.imwrite(scratch, np.concatenate(colours, axis=1), tile=(tile, tile), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(scratch) as tif:  # the two tiles' JPEG bytes, written as-is 40,000 times below
+        page = tif.pages[0]
+        data = scratch.read_bytes()
+        encoded = [data[o:o + n] for o, n in zip(page.dataoffsets, page.databytecounts)]
+    n = side // tile
+    path = tmp_path / "giga.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write((encoded[(r + c) % 2] for r in range(n) for c in range(n)), shape=(side, side, 3),
+                  dtype=np.uint8, tile=(tile, tile), compression="jpeg", photometric="rgb")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    image = open_image(path)
+    assert (image.width, image.height) == (side, side)
+    region = image.read_region(30_000, 40_000, 224, 224)  # crosses a tile corner: 4 tiles
+    grow_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert image.chunks_read == 4 and image.bytes_decoded == 4 * tile * tile * 3
+    assert grow_mb < 200, f"opening and one region read grew the peak RSS by {grow_mb:.0f} MB"
+    # (30000 // 256 + 40000 // 256) is odd: the top-left tile has the second colour (JPEG: within a few levels).
+    assert np.abs(region.pixels[0, 0].astype(int) - colours[1][0, 0]).max() <= 3
+    assert np.abs(region.pixels[-1, 0].astype(int) - colours[0][0, 0]).max() <= 3

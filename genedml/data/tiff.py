@@ -4,6 +4,8 @@ touches (a whole slide is never decoded)."""
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +17,61 @@ from genedml.errors import ImageError
 # Axis layouts of tifffile series that hold one 2-D image (S = samples per pixel, C = channels).
 _PLANAR = {"SYX", "CYX"}
 _CONTIGUOUS = {"YXS", "YXC"}
+_METADATA_KEYS = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+TILE_CACHE_MB = 128.0  # default bound on decoded tiles kept per open slide (~680 tiles of 256 x 256 RGB)
+
+
+class _TileCache:
+    """Decoded tiles by chunk key; the least recently used go first once `max_bytes` is exceeded."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._tiles: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tiles
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: str, tile: bytes) -> None:
+        if len(tile) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._tiles.pop(key, None)
+            self.nbytes += len(tile) - (len(old) if old is not None else 0)
+            self._tiles[key] = tile
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._tiles.popitem(last=False)
+                self.nbytes -= len(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tiles.clear()
+            self.nbytes = 0
 
 
 class TiffImage:
     """A lazily read TIFF/BigTIFF/SVS (pyramidal or not); ``read_region`` works in level-0 pixels.
 
-    ``chunks_read`` counts the level-0 tiles (chunks) fetched from the file since open or the last
-    ``reset_counter()`` — tests use it to prove that a region read touches only the tiles it needs.
+    Decoded level-0 tiles are kept in a least-recently-used cache of at most `tile_cache_mb` (0: none), so
+    neighbouring spots read in spatial order decode a shared tile once; ``release()`` empties it.
+    ``chunks_read`` counts the level-0 tiles (chunks) fetched from the file and decoded since open or the
+    last ``reset_counter()``, ``bytes_decoded`` their decoded size and ``cache_hits`` the tiles served from
+    the cache — tests and benchmarks/gigapixel.py use them to prove that a region read touches only the
+    tiles it needs.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, tile_cache_mb: float = TILE_CACHE_MB) -> None:
         import tifffile
         import zarr
 
@@ -48,22 +95,36 @@ class TiffImage:
         if not hasattr(self._array, "shape"):  # a group (multiscale store): the level-0 array is "0"
             self._array = self._array["0"]
         self.height, self.width = _size(self.axes, self._array.shape, self.path)
-        self.chunks_read = 0
-        self._count_chunk_reads()
+        self._tiles = _TileCache(int(tile_cache_mb * 2**20))
+        self.reset_counter()
+        self._cache_and_count_chunk_reads()
 
-    def _count_chunk_reads(self) -> None:
-        """Wrap the store's `get` so every data chunk fetched from the file increments `chunks_read`."""
+    def _cache_and_count_chunk_reads(self) -> None:
+        """Wrap the store's `get`: serve a chunk from the tile cache, or fetch and decode it from the file
+        (counted in `chunks_read` and `bytes_decoded`) and keep it."""
         get = self._store.get
 
-        async def counting_get(key: str, *args: Any, **kwargs: Any):
-            if not key.endswith(("zarr.json", ".zarray", ".zgroup", ".zattrs")):
-                self.chunks_read += 1
-            return await get(key, *args, **kwargs)
+        async def caching_get(key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if key.endswith(_METADATA_KEYS):
+                return await get(key, prototype, byte_range)
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self.cache_hits += 1
+                return prototype.buffer.from_bytes(tile)
+            chunk = await get(key, prototype, byte_range)
+            self.chunks_read += 1
+            if chunk is not None:
+                self.bytes_decoded += len(chunk)
+                if self._tiles.max_bytes:
+                    self._tiles.put(key, chunk.to_bytes())
+            return chunk
 
-        self._store.get = counting_get  # type: ignore[method-assign]
+        self._store.get = caching_get  # type: ignore[method-assign]
 
     def reset_counter(self) -> None:
         self.chunks_read = 0
+        self.bytes_decoded = 0
+        self.cache_hits = 0
 
     @property
     def tile_shape(self) -> tuple[int, int]:
@@ -87,10 +148,12 @@ class TiffImage:
         return padded_region(x, y, w, h, self.width, self.height, self._fetch)
 
     def release(self) -> None:
-        """Nothing to drop: tiles are read on demand (kept for symmetry with PillowImage)."""
+        """Drop the cached tiles (extraction calls this after each sample to bound memory)."""
+        self._tiles.clear()
 
     def close(self) -> None:
-        """Close the file handle now (a later read reopens it)."""
+        """Drop the cached tiles and close the file handle now (a later read reopens it)."""
+        self._tiles.clear()
         self._close_quietly()
 
     def _close_quietly(self) -> None:
