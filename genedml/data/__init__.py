@@ -5,6 +5,7 @@ from genedml.data.hest import read_hest
 from genedml.data.formats import open_image
 from genedml.data.image import ArrayImage, PillowImage, Region, RegionReader
 from genedml.data.legacy_st import read_legacy_st
+from genedml.data.openslide_image import OpenSlideImage
 from genedml.data.read import READERS, detect_format, inspect_samples, read_samples
 from genedml.data.reader import Reader, ReadOptions
 from genedml.data.sample import Sample
@@ -17,6 +18,7 @@ __all__ = [
     "ReadOptions",
     "Reader",
     "ArrayImage",
+    "OpenSlideImage",
     "PillowImage",
     "Region",
     "RegionReader",

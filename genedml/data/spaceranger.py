@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from genedml.data.anndata_reader import as_reader
+from genedml.data.formats import IMAGE_SUFFIXES
 from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
@@ -23,7 +24,6 @@ from genedml.errors import InputError
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 MATRIX_FILES = ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5")
-IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".jpg", ".jpeg", ".png")
 
 
 def spaceranger_root(path: str | Path) -> Path | None:
