@@ -64,12 +64,12 @@ def read_anndata(
     reader, image_path = _open_image(image, spatial.get("metadata") or {}, h5ad, where)
     known = {name: (arr.shape[1], arr.shape[0]) for name, arr in (spatial.get("images") or {}).items()}
     scale, resolution = image_scale(image_path, (reader.width, reader.height), scalefactors, known, where)
-    mpp_file = fullres_mpp(scalefactors, where)
+    mpp_file, how = fullres_mpp(scalefactors, where)
     table = load_samples_table(samples_table)
     resolved = resolve_mpp(
         sample_id, where, given=mpp, table=table,
         from_file=None if mpp_file is None else mpp_file / scale,
-        how="uns['spatial'][...]['scalefactors']['spot_diameter_fullres'] (55 µm Visium spots)",
+        how=f"uns['spatial'][...]: {how}",
     )
     return sample_from_anndata(
         adata, sample_id=sample_id, image=reader, mpp=resolved, table=table, source="anndata",

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,14 @@ def read_spaceranger(
     sample_id: str | None = None,
     samples: Iterable[str] | str | None = None,
     samples_table=None,
+    image_dirs: Sequence[Path] = (),
+    source: str = "spaceranger",
 ) -> Sample:
     """One sample from a Space Ranger output: in-tissue spots with counts, centres in `image` pixels.
 
     `image` is the full-resolution image (or ``spatial/tissue_hires_image.png``, then coordinates and mpp are
-    scaled by ``tissue_hires_scalef``); when omitted, the one image file at the top of `folder` is used.
+    scaled by ``tissue_hires_scalef``); when omitted, the one image file at the top of `folder` (else of the
+    first of `image_dirs` holding image files) is used. µm/px comes from ``scalefactors_json.json``.
     """
     folder = Path(folder)
     root = spaceranger_root(folder)
@@ -71,13 +74,13 @@ def read_spaceranger(
     positions, barcodes = positions[keep], barcodes[keep]
 
     scalefactors = _read_scalefactors(root / "spatial" / "scalefactors_json.json")
-    reader, image_path = _open_image(image, root, where)
+    reader, image_path = _open_image(image, [root, *image_dirs], where)
     scale, resolution = image_scale(image_path, (reader.width, reader.height), scalefactors, None, where)
-    mpp_file = fullres_mpp(scalefactors, where)
+    mpp_file, how = fullres_mpp(scalefactors, where)
     table = load_samples_table(samples_table)
     resolved = resolve_mpp(
         sample_id, where, given=mpp, table=table, from_file=None if mpp_file is None else mpp_file / scale,
-        how="spatial/scalefactors_json.json (spot_diameter_fullres, 55 µm Visium spots)",
+        how=f"spatial/scalefactors_json.json: {how}",
     )
     patient, known = resolve_patient(sample_id, table)
     return Sample(
@@ -85,7 +88,7 @@ def read_spaceranger(
         centers=positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * scale,
         image=reader, counts=counts, genes=genes,
         array_coords=positions[["array_col", "array_row"]].to_numpy(np.int64),
-        source="spaceranger", patient_known=known,
+        source=source, patient_known=known,
         meta={"path": str(root), "image": image_path, "positions": str(positions_path),
               "matrix": str(matrix_path), "image_resolution": resolution, "coordinate_scale": scale},
     )
@@ -148,13 +151,18 @@ def _read_scalefactors(path: Path) -> dict:
         raise InputError(f"Cannot parse {path}: {exc}.") from exc
 
 
-def _open_image(image: str | Path | RegionReader | None, root: Path, where: str) -> tuple[RegionReader, str]:
+def _open_image(image: str | Path | RegionReader | None, roots: Sequence[Path], where: str) -> tuple[RegionReader, str]:
     if image is None:
-        found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        searched: list[str] = []
+        for root in roots:
+            found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            searched.append(str(root))
+            if found:
+                break
         if len(found) != 1:
             raise InputError(
-                f"{where}: pass the full-resolution image with image=PATH (--image); found "
-                f"{len(found)} image files ({[p.name for p in found]}) at the top of {root}."
+                f"{where}: pass the full-resolution image with image=PATH (--image); found {len(found)} image "
+                f"files ({[p.name for p in found]}) at the top of {' or '.join(searched)}."
             )
         image = found[0]
     return as_reader(image)
