@@ -1,8 +1,10 @@
 """AnnData (.h5ad) + image: spot centres from ``obsm['spatial']``, counts from X (or ``layers['counts']``),
-pixel size from the Visium scale factors or given. Also the AnnData → Sample step the HEST reader reuses."""
+pixel size from the scale factors (spot size by platform: Visium, legacy ST as HEST writes it, Visium HD bins)
+or given. Also the AnnData → Sample step the HEST reader reuses."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,14 +16,16 @@ from genedml.data.formats import open_image
 from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
-from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
+from genedml.data.samples_table import MPP_HINT, load_samples_table, resolve_mpp, resolve_patient, select_ids
 from genedml.data.spots import check_unique
-from genedml.data.visium import fullres_mpp, image_scale
+from genedml.data.visium import VISIUM_SPOT_UM, fullres_mpp, image_scale, platform_from_barcodes, platform_spot_um
 from genedml.errors import InputError
 from genedml.log import log
 
 
 IMAGE_PATH_KEYS = ("source_image_path", "image_path", "fullres_image_path")
+TECHNOLOGY_KEYS = ("st_technology", "chemistry_description", "technology", "platform")
+HEST_MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
 
 
 def read_h5ad(path: str | Path):
@@ -49,8 +53,9 @@ def read_anndata(
 ) -> Sample:
     """One sample from an .h5ad; `image` defaults to the full-res image named in ``uns['spatial']``.
 
-    When `image` is a Space Ranger hires/lowres image, full-res ``obsm['spatial']`` and the pixel size are
-    scaled by ``tissue_hires_scalef``/``tissue_lowres_scalef`` (logged and recorded in ``meta``).
+    When `image` is a Space Ranger hires/lowres image (or HEST's ``downscaled_fullres``), full-res
+    ``obsm['spatial']`` and the pixel size are scaled by ``tissue_hires_scalef``/``tissue_lowres_scalef``/
+    ``tissue_downscaled_fullres_scalef`` (logged and recorded in ``meta``).
     """
     h5ad = Path(h5ad)
     sample_id = sample_id or h5ad.stem
@@ -64,18 +69,70 @@ def read_anndata(
     reader, image_path = _open_image(image, spatial.get("metadata") or {}, h5ad, where)
     known = {name: (arr.shape[1], arr.shape[0]) for name, arr in (spatial.get("images") or {}).items()}
     scale, resolution = image_scale(image_path, (reader.width, reader.height), scalefactors, known, where)
-    mpp_file, how = fullres_mpp(scalefactors, where)
     table = load_samples_table(samples_table)
+    mpp_file, how = None, "uns['spatial'][...]['scalefactors']"
+    if mpp is None and (sample_id not in table or table[sample_id].mpp is None):  # else never used: stay quiet
+        mpp_file, how = _fullres_mpp(adata, h5ad, spatial, where)
     resolved = resolve_mpp(
-        sample_id, where, given=mpp, table=table,
-        from_file=None if mpp_file is None else mpp_file / scale,
-        how=f"uns['spatial'][...]: {how}",
+        sample_id, where, given=mpp, table=table, from_file=None if mpp_file is None else mpp_file / scale, how=how,
     )
     return sample_from_anndata(
         adata, sample_id=sample_id, image=reader, mpp=resolved, table=table, source="anndata",
         where=where, scale=scale,
         meta={"path": str(h5ad), "image": image_path, "library_id": library, "image_resolution": resolution},
     )
+
+
+def _fullres_mpp(adata: Any, h5ad: Path, spatial: dict, where: str) -> tuple[float | None, str]:
+    """µm per full-res pixel of an AnnData: a HEST ``metadata/<id>.json`` next to ``st/<id>.h5ad`` wins; else the
+    scale factors, with the spot size of the platform the file names (or, with a warning, its barcodes suggest)."""
+    hest_json = h5ad.parent.parent / "metadata" / f"{h5ad.stem}.json"
+    if h5ad.parent.name == "st" and hest_json.is_file():
+        try:
+            metadata = json.loads(hest_json.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"Cannot parse HEST metadata {hest_json}: {exc}.") from exc
+        value = next((metadata[k] for k in HEST_MPP_KEYS if metadata.get(k) is not None), None)
+        if value is not None:
+            return float(value), f"{hest_json} ({' or '.join(HEST_MPP_KEYS)})"
+    scalefactors = spatial.get("scalefactors") or {}
+    needs_spot = "spot_diameter_fullres" in scalefactors and not {"microns_per_pixel", "bin_size_um"} & set(scalefactors)
+    spot_um = spot_diameter_um(adata, spatial, where) if needs_spot else VISIUM_SPOT_UM
+    mpp, how = fullres_mpp(scalefactors, where, spot_um)
+    return mpp, f"uns['spatial'][...]: {how}"
+
+
+def spot_diameter_um(adata: Any, spatial: dict, where: str) -> float:
+    """The spot diameter (µm) behind ``spot_diameter_fullres``: 55 µm Visium spots, 100 µm legacy ST spots (as
+    HEST writes them), the bin size of Visium HD. Read from the platform the file records (HEST
+    ``spot_diameter``/``st_technology``, Space Ranger ``chemistry_description``, in ``uns['spatial'][lib]
+    ['metadata']``, ``uns`` or a constant obs column); else guessed from the barcodes, with a warning."""
+    barcodes = adata.obs_names
+    places = [("uns['spatial'][...]['metadata']", spatial.get("metadata") or {}), ("uns", adata.uns)]
+    for key in TECHNOLOGY_KEYS + ("spot_diameter",):
+        if key in adata.obs.columns and adata.obs[key].nunique() == 1:
+            places.append((f"obs['{key}']", {key: adata.obs[key].iloc[0]}))
+    for place, mapping in places:
+        diameter = mapping.get("spot_diameter")
+        if isinstance(diameter, (int, float, np.number)) and diameter > 0:
+            log.info("%s: spot diameter %.4g µm from %s['spot_diameter']", where, diameter, place)
+            return float(diameter)
+        for key in TECHNOLOGY_KEYS:
+            if isinstance(mapping.get(key), str) and (known := platform_spot_um(mapping[key], barcodes)):
+                log.info("%s: %s spots of %g µm (%s['%s'] = %r)", where, known[1], known[0], place, key, mapping[key])
+                return known[0]
+    guessed = platform_from_barcodes(barcodes)
+    if guessed is not None:
+        log.warning(
+            "%s: the file does not name its platform; barcodes look like %s, so spot_diameter_fullres is taken as "
+            "%g µm. %s", where, guessed[1], guessed[0], MPP_HINT,
+        )
+        return guessed[0]
+    log.warning(
+        "%s: the file does not name its platform and the barcodes do not tell; spot_diameter_fullres is taken "
+        "as a %g µm Visium spot. %s", where, VISIUM_SPOT_UM, MPP_HINT,
+    )
+    return VISIUM_SPOT_UM
 
 
 def sample_from_anndata(

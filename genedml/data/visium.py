@@ -4,7 +4,8 @@ be scaled to it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from genedml.errors import InputError
@@ -75,3 +76,44 @@ def image_scale(
             )
             return factor, resolution
     return 1.0, "fullres"
+
+
+# Spot diameters (µm) by platform, for files that give spot_diameter_fullres without saying how big a spot is.
+LEGACY_ST_SPOT_UM = 100.0  # HEST writes spot_diameter_fullres for 100 µm legacy ST spots
+_HD_BARCODE = re.compile(r"^s_(\d+)um_\d+_\d+(-\d+)?$")
+_ST_BARCODE = re.compile(r"^\d+(\.\d+)?x\d+(\.\d+)?$")
+_VISIUM_BARCODE = re.compile(r"^[ACGTN]{16}(-\d+)?$")
+
+
+def platform_spot_um(technology: str, barcodes: Sequence[str] = ()) -> tuple[float, str] | None:
+    """(spot or bin diameter in µm, platform) named by a technology string (HEST ``st_technology``, Space
+    Ranger ``chemistry_description``), or None for platforms without spots (Xenium) or unknown strings."""
+    text = technology.strip().lower()
+    if "hd" in text.split() or "visium hd" in text:
+        size = bin_um_from_barcodes(barcodes)
+        return (size, "Visium HD") if size is not None else None
+    if "visium" in text or "spatial 3'" in text or "cytassist" in text:
+        return VISIUM_SPOT_UM, "Visium"
+    if "spatial transcriptomics" in text or text in ("st", "legacy st", "legacy-st"):
+        return LEGACY_ST_SPOT_UM, "legacy ST"
+    return None
+
+
+def bin_um_from_barcodes(barcodes: Sequence[str]) -> float | None:
+    """The bin size of Visium HD barcodes (``s_008um_00012_00034-1`` → 8), or None."""
+    match = _HD_BARCODE.match(str(barcodes[0])) if len(barcodes) else None
+    return float(match.group(1)) if match else None
+
+
+def platform_from_barcodes(barcodes: Sequence[str]) -> tuple[float, str] | None:
+    """(spot diameter in µm, platform) guessed from the barcode pattern of the first spots, or None."""
+    probe = [str(b) for b in barcodes[:50]]
+    if not probe:
+        return None
+    if all(_HD_BARCODE.match(b) for b in probe):
+        return bin_um_from_barcodes(probe), "Visium HD"  # type: ignore[return-value]
+    if all(_ST_BARCODE.match(b) for b in probe):
+        return LEGACY_ST_SPOT_UM, "legacy ST"
+    if all(_VISIUM_BARCODE.match(b) for b in probe):
+        return VISIUM_SPOT_UM, "Visium"
+    return None
