@@ -25,6 +25,7 @@ from genedml.data import (
     read_samples,
     read_spaceranger,
 )
+from genedml.errors import InputError
 
 pytestmark = pytest.mark.realdata
 SECTION = "C3"
@@ -114,6 +115,25 @@ def test_visium_anndata_fixture(visium_dir: Path) -> None:
     assert detect_format(visium_dir / "test_data.h5ad") == "anndata"
     [row] = inspect_samples(visium_dir / "test_data.h5ad", image=visium_dir / "test_img.jpg")
     assert row["spots"] == 49 and row["image"]["width"] == 950 and row["format"] == "anndata"
+
+
+def test_folder_with_one_h5ad_and_one_image_reads_as_anndata(tmp_path: Path, visium_dir: Path) -> None:
+    """Before: "no known input layout found"."""
+    folder = tmp_path / "crop"
+    folder.mkdir()
+    (folder / "brain.h5ad").symlink_to(visium_dir / "test_data.h5ad")
+    (folder / "brain_he.jpg").symlink_to(visium_dir / "test_img.jpg")
+    assert detect_format(folder) == "anndata"
+    [s] = read_samples(folder)
+    reference = read_anndata(visium_dir / "test_data.h5ad", visium_dir / "test_img.jpg")
+    assert s.sample_id == "brain" and s.n_spots == reference.n_spots and s.mpp == pytest.approx(reference.mpp)
+    np.testing.assert_array_equal(s.centers, reference.centers)
+    assert s.meta["image"].endswith("brain_he.jpg")
+    [row] = inspect_samples(folder)
+    assert row["format"] == "anndata" and row["image"]["width"] == 950
+    (folder / "second.png").symlink_to(visium_dir / "test_img.jpg")
+    with pytest.raises(InputError, match="one .h5ad and one image"):
+        detect_format(folder)  # two images: ambiguous, not guessed
 
 
 # ---------------------------------------------------------------- HEST layout rebuilt from her2st

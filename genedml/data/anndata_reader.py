@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from genedml.data.formats import open_image
+from genedml.data.formats import IMAGE_SUFFIXES, open_image
 from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
@@ -233,14 +233,32 @@ def as_reader(image: str | Path | RegionReader) -> tuple[RegionReader, str]:
     return image, image.path
 
 
+def anndata_folder(path: Path) -> tuple[Path, Path] | None:
+    """(h5ad, image) of a folder holding exactly one ``.h5ad`` and one image file at its top, else None."""
+    if not path.is_dir():
+        return None
+    files = [p for p in path.iterdir() if p.is_file()]
+    h5ads = [p for p in files if p.suffix.lower() == ".h5ad"]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return (h5ads[0], images[0]) if len(h5ads) == 1 and len(images) == 1 else None
+
+
 class AnnDataReader:
-    """One ``.h5ad`` (scanpy/squidpy convention) with its image; one sample."""
+    """One ``.h5ad`` (scanpy/squidpy convention) with its image, or a folder holding exactly one of each."""
 
     name = "anndata"
-    looks_for = "a .h5ad file (anndata)"
+    looks_for = "a .h5ad file, or a folder with one .h5ad and one image (anndata)"
 
     def detect(self, path: Path) -> bool:
-        return path.is_file() and path.suffix.lower() == ".h5ad"
+        if path.is_file():
+            return path.suffix.lower() == ".h5ad"
+        return anndata_folder(path) is not None
 
     def read(self, path: Path, options: ReadOptions) -> list[Sample]:
-        return [read_anndata(path, options.image, options.mpp, samples=options.samples, samples_table=options.samples_table)]
+        image = options.image
+        if path.is_dir():
+            found = anndata_folder(path)
+            if found is None:
+                raise InputError(f"{path}: expected exactly one .h5ad and one image file at the top of the folder.")
+            path, image = found[0], image if image is not None else found[1]
+        return [read_anndata(path, image, options.mpp, samples=options.samples, samples_table=options.samples_table)]

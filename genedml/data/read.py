@@ -16,8 +16,9 @@ from genedml.data.spaceranger import SpaceRangerReader
 from genedml.data.visium_hd import VisiumHDReader
 from genedml.errors import InputError
 
-# Detection order: the first reader whose `detect` says yes reads the path.
-READERS: list[Reader] = [AnnDataReader(), HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader()]
+# Detection order: the first reader whose `detect` says yes reads the path. AnnData comes last: its folder form
+# (one .h5ad + one image) must not take a folder another layout explains.
+READERS: list[Reader] = [HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader(), AnnDataReader()]
 FORMATS = tuple(reader.name for reader in READERS)
 DEFAULT_SAMPLES_TABLE = "samples.csv"
 BINNED_FORMATS = ("visium-hd",)  # formats that take bin_size_um
