@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from genedml.data.anndata_reader import AnnDataReader
+from genedml.data.authors_layout import AuthorsLayoutReader
 from genedml.data.hest import HestReader
 from genedml.data.image import RegionReader
 from genedml.data.legacy_st import LegacySTReader
@@ -18,7 +19,9 @@ from genedml.errors import InputError
 
 # Detection order: the first reader whose `detect` says yes reads the path. AnnData comes last: its folder form
 # (one .h5ad + one image) must not take a folder another layout explains.
-READERS: list[Reader] = [HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader(), AnnDataReader()]
+READERS: list[Reader] = [
+    HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader(), AuthorsLayoutReader(), AnnDataReader(),
+]
 FORMATS = tuple(reader.name for reader in READERS)
 DEFAULT_SAMPLES_TABLE = "samples.csv"
 BINNED_FORMATS = ("visium-hd",)  # formats that take bin_size_um
