@@ -5,6 +5,7 @@ or given. Also the AnnData → Sample step the HEST reader reuses."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import MPP_HINT, load_samples_table, resolve_mpp, resolve_patient, select_ids
-from genedml.data.spots import check_unique
+from genedml.data.spots import check_unique, unique_gene_names
 from genedml.data.visium import VISIUM_SPOT_UM, fullres_mpp, image_scale, platform_from_barcodes, platform_spot_um
 from genedml.errors import InputError
 from genedml.log import log
@@ -26,6 +27,7 @@ from genedml.log import log
 IMAGE_PATH_KEYS = ("source_image_path", "image_path", "fullres_image_path")
 TECHNOLOGY_KEYS = ("st_technology", "chemistry_description", "technology", "platform")
 HEST_MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
+GENE_ID_COLUMNS = ("gene_ids", "gene_id")
 
 
 def read_h5ad(path: str | Path):
@@ -36,7 +38,9 @@ def read_h5ad(path: str | Path):
     if not path.is_file():
         raise InputError(f"AnnData file not found: {path}.")
     try:
-        return anndata.read_h5ad(path)
+        with warnings.catch_warnings():  # duplicated names are made unique, and logged, when the Sample is built
+            warnings.filterwarnings("ignore", message=r"(Variable|Observation) names are not unique")
+            return anndata.read_h5ad(path)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"Cannot read AnnData file {path}: {exc}.") from exc
 
@@ -154,7 +158,7 @@ def sample_from_anndata(
     centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * scale
     barcodes = adata.obs_names.to_numpy().astype(str)
     check_unique(barcodes, where, "obs_names")
-    counts, genes, counts_source = choose_counts(adata, where)
+    counts, genes, counts_source, gene_ids = choose_counts(adata, where)
     array_coords = None
     if {"array_row", "array_col"} <= set(adata.obs.columns):
         array_coords = adata.obs[["array_col", "array_row"]].to_numpy(np.int64)
@@ -162,27 +166,36 @@ def sample_from_anndata(
     meta = dict(meta or {}, counts_source=counts_source, coordinate_scale=scale)
     return Sample(
         sample_id=sample_id, patient_id=patient, mpp=mpp, barcodes=barcodes, centers=centers, image=image,
-        counts=counts, genes=genes, array_coords=array_coords, source=source, patient_known=known, meta=meta,
+        counts=counts, genes=genes, gene_ids=gene_ids, array_coords=array_coords, source=source,
+        patient_known=known, meta=meta,
     )
 
 
-def choose_counts(adata: Any, where: str) -> tuple[sp.csr_matrix, np.ndarray, str]:
-    """Raw counts: X when it holds integers, else ``layers['counts']``, else ``raw.X``; else X with a warning."""
-    candidates = [("X", adata.X, adata.var_names)]
+def choose_counts(adata: Any, where: str) -> tuple[sp.csr_matrix, np.ndarray, str, np.ndarray | None]:
+    """(raw counts, unique gene names, where the counts came from, gene ids or None).
+
+    Counts: X when it holds integers, else ``layers['counts']``, else ``raw.X``; else X with a warning. Gene
+    names are the var names made unique as scanpy does; ids come from ``var['gene_ids']`` (or ``gene_id``).
+    """
+    candidates = [("X", adata.X, adata.var)]
     if "counts" in adata.layers:
-        candidates.append(("layers['counts']", adata.layers["counts"], adata.var_names))
+        candidates.append(("layers['counts']", adata.layers["counts"], adata.var))
     if adata.raw is not None:
-        candidates.append(("raw.X", adata.raw.X, adata.raw.var_names))
-    for name, matrix, genes in candidates:
-        if matrix is not None and _integer_like(matrix):
-            return _csr(matrix), genes.to_numpy().astype(str), name
-    if adata.X is None:
-        raise InputError(f"{where}: the AnnData has no X and no layers['counts'].")
-    log.warning(
-        "%s: X holds non-integer values (normalised?) and there is no integer layers['counts'] or raw.X; "
-        "using X as is", where,
-    )
-    return _csr(adata.X), adata.var_names.to_numpy().astype(str), "X (non-integer)"
+        candidates.append(("raw.X", adata.raw.X, adata.raw.var))
+    chosen = next(((n, m, v) for n, m, v in candidates if m is not None and _integer_like(m)), None)
+    if chosen is None:
+        if adata.X is None:
+            raise InputError(f"{where}: the AnnData has no X and no layers['counts'].")
+        log.warning(
+            "%s: X holds non-integer values (normalised?) and there is no integer layers['counts'] or raw.X; "
+            "using X as is", where,
+        )
+        chosen = ("X (non-integer)", adata.X, adata.var)
+    name, matrix, var = chosen
+    genes = unique_gene_names(var.index.to_numpy().astype(str), f"{where} var_names")
+    id_column = next((c for c in GENE_ID_COLUMNS if c in var.columns), None)
+    gene_ids = None if id_column is None else var[id_column].to_numpy().astype(str)
+    return _csr(matrix), genes, name, gene_ids
 
 
 def _csr(matrix: Any) -> sp.csr_matrix:

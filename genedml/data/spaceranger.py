@@ -17,7 +17,7 @@ from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
-from genedml.data.spots import check_not_empty, check_unique, join_counts
+from genedml.data.spots import check_not_empty, check_unique, join_counts, unique_gene_names
 from genedml.data.visium import fullres_mpp, image_scale
 from genedml.errors import InputError
 
@@ -69,7 +69,7 @@ def read_spaceranger(
     check_unique(barcodes, str(positions_path))
     check_not_empty(len(barcodes), str(positions_path), "no spot has in_tissue == 1")
     matrix_path = next(root / name for name in MATRIX_FILES if (root / name).is_file())
-    count_barcodes, genes, counts = read_10x_h5(matrix_path)
+    count_barcodes, genes, counts, gene_ids = read_10x_h5(matrix_path)
     keep, counts = join_counts(barcodes, count_barcodes, counts, f"{where}: {matrix_path.name}")
     positions, barcodes = positions[keep], barcodes[keep]
 
@@ -86,7 +86,7 @@ def read_spaceranger(
     return Sample(
         sample_id=sample_id, patient_id=patient, mpp=resolved, barcodes=barcodes,
         centers=positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * scale,
-        image=reader, counts=counts, genes=genes,
+        image=reader, counts=counts, genes=genes, gene_ids=gene_ids,
         array_coords=positions[["array_col", "array_row"]].to_numpy(np.int64),
         source=source, patient_known=known,
         meta={"path": str(root), "image": image_path, "positions": str(positions_path),
@@ -115,8 +115,12 @@ def read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
     raise InputError(f"{spatial}: no spot positions (looked for {', '.join(POSITION_FILES)}).")
 
 
-def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
-    """(barcodes, gene names, spots × genes float32 CSR) from a 10x feature-barcode HDF5 matrix."""
+def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix, np.ndarray | None]:
+    """(barcodes, unique gene names, spots × genes float32 CSR, gene ids) from a 10x feature-barcode HDF5 matrix.
+
+    Only "Gene Expression" features are kept. Duplicated gene names are made unique (GENE, GENE-1 …) as scanpy
+    does; the ids (``features/id``, Ensembl) are returned beside them, None when the file has none.
+    """
     import h5py
 
     try:
@@ -129,8 +133,10 @@ def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
                 shape=(n_barcodes, n_features),
             )
             barcodes = group["barcodes"][:].astype(str)
-            genes = group["features/name"][:].astype(str)
-            types = group["features/feature_type"][:].astype(str) if "feature_type" in group["features"] else None
+            features = group["features"]
+            genes = features["name"][:].astype(str)
+            gene_ids = features["id"][:].astype(str) if "id" in features else None
+            types = features["feature_type"][:].astype(str) if "feature_type" in features else None
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(
             f"Cannot read 10x matrix {path}: {exc}. Expected matrix/{{data,indices,indptr,shape,barcodes,"
@@ -139,7 +145,8 @@ def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
     if types is not None and (types != "Gene Expression").any():
         expression = types == "Gene Expression"
         counts, genes = counts[:, expression], genes[expression]
-    return barcodes, genes, counts
+        gene_ids = None if gene_ids is None else gene_ids[expression]
+    return barcodes, unique_gene_names(genes, str(path)), counts, gene_ids
 
 
 def _read_scalefactors(path: Path) -> dict:
