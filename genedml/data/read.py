@@ -14,17 +14,19 @@ from genedml.data.legacy_st import LegacySTReader
 from genedml.data.reader import Reader, ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.spaceranger import SpaceRangerReader
+from genedml.data.spatialdata_reader import SpatialDataReader
 from genedml.data.visium_hd import VisiumHDReader
 from genedml.errors import InputError
 
 # Detection order: the first reader whose `detect` says yes reads the path. AnnData comes last: its folder form
 # (one .h5ad + one image) must not take a folder another layout explains.
 READERS: list[Reader] = [
-    HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader(), AuthorsLayoutReader(), AnnDataReader(),
+    HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader(), AuthorsLayoutReader(), SpatialDataReader(),
+    AnnDataReader(),
 ]
 FORMATS = tuple(reader.name for reader in READERS)
 DEFAULT_SAMPLES_TABLE = "samples.csv"
-BINNED_FORMATS = ("visium-hd",)  # formats that take bin_size_um
+BINNED_FORMATS = ("visium-hd", "spatialdata")  # formats that take bin_size_um
 
 
 def reader_for(path: str | Path, format: str | None = None) -> Reader:
