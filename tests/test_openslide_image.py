@@ -79,7 +79,7 @@ def test_vendor_extensions_open_through_openslide(tmp_path: Path, pyramid: Path,
     renamed = tmp_path / f"slide{suffix}"
     shutil.copy(pyramid, renamed)
     image = open_image(renamed)
-    assert isinstance(image, OpenSlideImage), suffix  # before: "cannot identify image file" from Pillow
+    assert isinstance(image, OpenSlideImage), suffix  # before: Pillow ("cannot identify image file" on MIRAX, CZI…)
     np.testing.assert_array_equal(image.read_region(700, 400, 64, 64).pixels, slide[400:464, 700:764])
 
 
@@ -121,7 +121,7 @@ def test_missing_openslide_names_the_extra(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_ndpi_without_openslide_falls_back_to_tifffile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import genedml.data.formats as formats
+    from genedml.data import formats
 
     ndpi = tmp_path / "scan.ndpi"
     ndpi.write_bytes(b"")

@@ -118,7 +118,7 @@ def test_bin_size_by_option_or_by_folder(hd_run) -> None:
         read_samples(run, bin_size_um=2)
     with pytest.raises(InputError, match="holds 16 µm bins"):
         read_samples(run / "outs" / "binned_outputs" / "square_016um", bin_size_um=8)
-    with pytest.raises(InputError, match="applies to visium-hd inputs, not spaceranger"):
+    with pytest.raises(InputError, match="applies to visium-hd and spatialdata inputs, not spaceranger"):
         read_samples(run / "outs" / "binned_outputs" / "square_008um", format="spaceranger", bin_size_um=8)
 
 

@@ -227,8 +227,9 @@ class SpatialDataReader:
 
     def read(self, path: Path, options: ReadOptions) -> list[Sample]:
         image = options.image
-        if image is not None and not isinstance(image, str):
+        if image is not None and not isinstance(image, (str, Path)):
             raise InputError(f"{path}: for a SpatialData store, image= names an image element (a string).")
+        image = None if image is None else str(image)  # --image NAME arrives as a Path
         return read_spatialdata(
             path, image, options.mpp, bin_size_um=options.bin_size_um, samples=options.samples,
             samples_table=options.samples_table,
