@@ -12,6 +12,7 @@ from genedml.data.reader import Reader, ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import SampleInfo, read_samples_table
 from genedml.data.spaceranger import read_spaceranger
+from genedml.data.spatialdata_reader import read_spatialdata
 from genedml.data.visium_hd import read_visium_hd
 from genedml.data.tiff import TiffImage
 
@@ -37,5 +38,6 @@ __all__ = [
     "read_samples",
     "read_samples_table",
     "read_spaceranger",
+    "read_spatialdata",
     "read_visium_hd",
 ]
