@@ -25,6 +25,7 @@ from genedml.data import (
     read_samples,
     read_spaceranger,
 )
+from genedml.errors import InputError
 
 pytestmark = pytest.mark.realdata
 SECTION = "C3"
@@ -114,6 +115,25 @@ def test_visium_anndata_fixture(visium_dir: Path) -> None:
     assert detect_format(visium_dir / "test_data.h5ad") == "anndata"
     [row] = inspect_samples(visium_dir / "test_data.h5ad", image=visium_dir / "test_img.jpg")
     assert row["spots"] == 49 and row["image"]["width"] == 950 and row["format"] == "anndata"
+
+
+def test_folder_with_one_h5ad_and_one_image_reads_as_anndata(tmp_path: Path, visium_dir: Path) -> None:
+    """Before: "no known input layout found"."""
+    folder = tmp_path / "crop"
+    folder.mkdir()
+    (folder / "brain.h5ad").symlink_to(visium_dir / "test_data.h5ad")
+    (folder / "brain_he.jpg").symlink_to(visium_dir / "test_img.jpg")
+    assert detect_format(folder) == "anndata"
+    [s] = read_samples(folder)
+    reference = read_anndata(visium_dir / "test_data.h5ad", visium_dir / "test_img.jpg")
+    assert s.sample_id == "brain" and s.n_spots == reference.n_spots and s.mpp == pytest.approx(reference.mpp)
+    np.testing.assert_array_equal(s.centers, reference.centers)
+    assert s.meta["image"].endswith("brain_he.jpg")
+    [row] = inspect_samples(folder)
+    assert row["format"] == "anndata" and row["image"]["width"] == 950
+    (folder / "second.png").symlink_to(visium_dir / "test_img.jpg")
+    with pytest.raises(InputError, match="one .h5ad and one image"):
+        detect_format(folder)  # two images: ambiguous, not guessed
 
 
 # ---------------------------------------------------------------- HEST layout rebuilt from her2st
@@ -233,3 +253,67 @@ def test_inspect_her2st_does_not_decode_images(her2st_dir: Path) -> None:
     assert [r["sample_id"] for r in rows] == ["B4", "C2"]
     assert [r["spots"] for r in rows] == [HER2ST_SPOTS["B4"], HER2ST_SPOTS["C2"]]
     assert rows[0]["format"] == "legacy-st" and rows[0]["image"]["width"] > 9000
+
+
+# ---------------------------------------------------------------- HEST-written AnnData read as plain AnnData
+
+
+def hest_written_anndata(sample, section_pixels: np.ndarray, metadata: dict | None = None) -> anndata.AnnData:
+    """What HEST writes for a legacy-ST section: spot_diameter_fullres for 100 µm spots, a downscaled_fullres
+    thumbnail (longest side 1000 px) and its scale factor, under uns['spatial']['ST']."""
+    adata = section_anndata(sample)
+    factor = 1000 / max(section_pixels.shape[:2])
+    thumbnail = np.asarray(Image.fromarray(section_pixels).resize(
+        (round(section_pixels.shape[1] * factor), round(section_pixels.shape[0] * factor))))
+    adata.uns["spatial"] = {"ST": {
+        "images": {"downscaled_fullres": thumbnail},
+        "scalefactors": {"spot_diameter_fullres": 100.0 / sample.mpp, "tissue_downscaled_fullres_scalef": factor},
+        **({"metadata": metadata} if metadata is not None else {}),
+    }}
+    return adata
+
+
+def test_hest_written_anndata_gets_legacy_st_spot_size(tmp_path: Path, her2st_dir: Path, section, section_pixels,
+                                                       caplog) -> None:
+    """Before: 55 µm / spot_diameter_fullres gave 0.55 x the true µm/px (0.377 instead of 0.686)."""
+    h5ad = tmp_path / f"{SECTION}.h5ad"
+    hest_written_anndata(section, section_pixels).write_h5ad(h5ad)
+    with caplog.at_level("WARNING", logger="genedml"):
+        s = read_anndata(h5ad, her2st_dir / f"{SECTION}.jpg")
+    assert s.mpp == pytest.approx(section.mpp)
+    assert "barcodes look like legacy ST" in caplog.text  # guessed, so said
+
+    caplog.clear()
+    hest_written_anndata(section, section_pixels, {"st_technology": "Spatial Transcriptomics"}).write_h5ad(h5ad)
+    with caplog.at_level("WARNING", logger="genedml"):
+        s = read_anndata(h5ad, her2st_dir / f"{SECTION}.jpg")
+    assert s.mpp == pytest.approx(section.mpp) and not caplog.text  # named by the file: no warning
+
+
+def test_hest_downscaled_fullres_image_scales_coordinates(tmp_path: Path, section, section_pixels) -> None:
+    adata = hest_written_anndata(section, section_pixels, {"st_technology": "Spatial Transcriptomics"})
+    adata.write_h5ad(tmp_path / f"{SECTION}.h5ad")
+    thumbnail = tmp_path / "downscaled_fullres.jpeg"  # the file name HEST saves it under
+    Image.fromarray(adata.uns["spatial"]["ST"]["images"]["downscaled_fullres"]).save(thumbnail)
+    factor = adata.uns["spatial"]["ST"]["scalefactors"]["tissue_downscaled_fullres_scalef"]
+    s = read_anndata(tmp_path / f"{SECTION}.h5ad", thumbnail)
+    assert s.meta["image_resolution"] == "downscaled_fullres"
+    assert_same_spots(s, section, scale=factor)
+    assert s.mpp == pytest.approx(section.mpp / factor)
+
+
+def test_h5ad_inside_hest_folder_takes_mpp_from_its_metadata(hest_dir: Path, section, her2st_dir: Path) -> None:
+    s = read_anndata(hest_dir / "st" / f"{SECTION}.h5ad", her2st_dir / f"{SECTION}.jpg")
+    assert s.mpp == pytest.approx(section.mpp) and s.source == "anndata"  # no scale factors in that file
+
+
+def test_platform_spot_sizes() -> None:
+    from genedml.data.visium import platform_from_barcodes, platform_spot_um
+
+    assert platform_spot_um("Visium")[0] == platform_spot_um("Spatial 3' v1")[0] == 55.0
+    assert platform_spot_um("Spatial Transcriptomics")[0] == 100.0
+    assert platform_spot_um("Visium HD", ["s_016um_00001_00002-1"]) == (16.0, "Visium HD")
+    assert platform_spot_um("Xenium") is None
+    assert platform_from_barcodes(["10x12", "3x4"])[1] == "legacy ST"
+    assert platform_from_barcodes(["AAACAAGTATCTCCCA-1"])[1] == "Visium"
+    assert platform_from_barcodes(["cell_1"]) is None

@@ -1,8 +1,11 @@
 """AnnData (.h5ad) + image: spot centres from ``obsm['spatial']``, counts from X (or ``layers['counts']``),
-pixel size from the Visium scale factors or given. Also the AnnData → Sample step the HEST reader reuses."""
+pixel size from the scale factors (spot size by platform: Visium, legacy ST as HEST writes it, Visium HD bins)
+or given. Also the AnnData → Sample step the HEST reader reuses."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,18 +13,21 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from genedml.data.formats import open_image
+from genedml.data.formats import IMAGE_SUFFIXES, open_image
 from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
-from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
-from genedml.data.spots import check_unique
-from genedml.data.visium import fullres_mpp, image_scale
+from genedml.data.samples_table import MPP_HINT, load_samples_table, resolve_mpp, resolve_patient, select_ids
+from genedml.data.spots import check_unique, unique_gene_names
+from genedml.data.visium import VISIUM_SPOT_UM, fullres_mpp, image_scale, platform_from_barcodes, platform_spot_um
 from genedml.errors import InputError
 from genedml.log import log
 
 
 IMAGE_PATH_KEYS = ("source_image_path", "image_path", "fullres_image_path")
+TECHNOLOGY_KEYS = ("st_technology", "chemistry_description", "technology", "platform")
+HEST_MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
+GENE_ID_COLUMNS = ("gene_ids", "gene_id")
 
 
 def read_h5ad(path: str | Path):
@@ -32,7 +38,9 @@ def read_h5ad(path: str | Path):
     if not path.is_file():
         raise InputError(f"AnnData file not found: {path}.")
     try:
-        return anndata.read_h5ad(path)
+        with warnings.catch_warnings():  # duplicated names are made unique, and logged, when the Sample is built
+            warnings.filterwarnings("ignore", message=r"(Variable|Observation) names are not unique")
+            return anndata.read_h5ad(path)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"Cannot read AnnData file {path}: {exc}.") from exc
 
@@ -49,8 +57,9 @@ def read_anndata(
 ) -> Sample:
     """One sample from an .h5ad; `image` defaults to the full-res image named in ``uns['spatial']``.
 
-    When `image` is a Space Ranger hires/lowres image, full-res ``obsm['spatial']`` and the pixel size are
-    scaled by ``tissue_hires_scalef``/``tissue_lowres_scalef`` (logged and recorded in ``meta``).
+    When `image` is a Space Ranger hires/lowres image (or HEST's ``downscaled_fullres``), full-res
+    ``obsm['spatial']`` and the pixel size are scaled by ``tissue_hires_scalef``/``tissue_lowres_scalef``/
+    ``tissue_downscaled_fullres_scalef`` (logged and recorded in ``meta``).
     """
     h5ad = Path(h5ad)
     sample_id = sample_id or h5ad.stem
@@ -64,18 +73,70 @@ def read_anndata(
     reader, image_path = _open_image(image, spatial.get("metadata") or {}, h5ad, where)
     known = {name: (arr.shape[1], arr.shape[0]) for name, arr in (spatial.get("images") or {}).items()}
     scale, resolution = image_scale(image_path, (reader.width, reader.height), scalefactors, known, where)
-    mpp_file = fullres_mpp(scalefactors, where)
     table = load_samples_table(samples_table)
+    mpp_file, how = None, "uns['spatial'][...]['scalefactors']"
+    if mpp is None and (sample_id not in table or table[sample_id].mpp is None):  # else never used: stay quiet
+        mpp_file, how = _fullres_mpp(adata, h5ad, spatial, where)
     resolved = resolve_mpp(
-        sample_id, where, given=mpp, table=table,
-        from_file=None if mpp_file is None else mpp_file / scale,
-        how="uns['spatial'][...]['scalefactors']['spot_diameter_fullres'] (55 µm Visium spots)",
+        sample_id, where, given=mpp, table=table, from_file=None if mpp_file is None else mpp_file / scale, how=how,
     )
     return sample_from_anndata(
         adata, sample_id=sample_id, image=reader, mpp=resolved, table=table, source="anndata",
         where=where, scale=scale,
         meta={"path": str(h5ad), "image": image_path, "library_id": library, "image_resolution": resolution},
     )
+
+
+def _fullres_mpp(adata: Any, h5ad: Path, spatial: dict, where: str) -> tuple[float | None, str]:
+    """µm per full-res pixel of an AnnData: a HEST ``metadata/<id>.json`` next to ``st/<id>.h5ad`` wins; else the
+    scale factors, with the spot size of the platform the file names (or, with a warning, its barcodes suggest)."""
+    hest_json = h5ad.parent.parent / "metadata" / f"{h5ad.stem}.json"
+    if h5ad.parent.name == "st" and hest_json.is_file():
+        try:
+            metadata = json.loads(hest_json.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"Cannot parse HEST metadata {hest_json}: {exc}.") from exc
+        value = next((metadata[k] for k in HEST_MPP_KEYS if metadata.get(k) is not None), None)
+        if value is not None:
+            return float(value), f"{hest_json} ({' or '.join(HEST_MPP_KEYS)})"
+    scalefactors = spatial.get("scalefactors") or {}
+    needs_spot = "spot_diameter_fullres" in scalefactors and not {"microns_per_pixel", "bin_size_um"} & set(scalefactors)
+    spot_um = spot_diameter_um(adata, spatial, where) if needs_spot else VISIUM_SPOT_UM
+    mpp, how = fullres_mpp(scalefactors, where, spot_um)
+    return mpp, f"uns['spatial'][...]: {how}"
+
+
+def spot_diameter_um(adata: Any, spatial: dict, where: str) -> float:
+    """The spot diameter (µm) behind ``spot_diameter_fullres``: 55 µm Visium spots, 100 µm legacy ST spots (as
+    HEST writes them), the bin size of Visium HD. Read from the platform the file records (HEST
+    ``spot_diameter``/``st_technology``, Space Ranger ``chemistry_description``, in ``uns['spatial'][lib]
+    ['metadata']``, ``uns`` or a constant obs column); else guessed from the barcodes, with a warning."""
+    barcodes = adata.obs_names
+    places = [("uns['spatial'][...]['metadata']", spatial.get("metadata") or {}), ("uns", adata.uns)]
+    for key in TECHNOLOGY_KEYS + ("spot_diameter",):
+        if key in adata.obs.columns and adata.obs[key].nunique() == 1:
+            places.append((f"obs['{key}']", {key: adata.obs[key].iloc[0]}))
+    for place, mapping in places:
+        diameter = mapping.get("spot_diameter")
+        if isinstance(diameter, (int, float, np.number)) and diameter > 0:
+            log.info("%s: spot diameter %.4g µm from %s['spot_diameter']", where, diameter, place)
+            return float(diameter)
+        for key in TECHNOLOGY_KEYS:
+            if isinstance(mapping.get(key), str) and (known := platform_spot_um(mapping[key], barcodes)):
+                log.info("%s: %s spots of %g µm (%s['%s'] = %r)", where, known[1], known[0], place, key, mapping[key])
+                return known[0]
+    guessed = platform_from_barcodes(barcodes)
+    if guessed is not None:
+        log.warning(
+            "%s: the file does not name its platform; barcodes look like %s, so spot_diameter_fullres is taken as "
+            "%g µm. %s", where, guessed[1], guessed[0], MPP_HINT,
+        )
+        return guessed[0]
+    log.warning(
+        "%s: the file does not name its platform and the barcodes do not tell; spot_diameter_fullres is taken "
+        "as a %g µm Visium spot. %s", where, VISIUM_SPOT_UM, MPP_HINT,
+    )
+    return VISIUM_SPOT_UM
 
 
 def sample_from_anndata(
@@ -97,7 +158,7 @@ def sample_from_anndata(
     centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * scale
     barcodes = adata.obs_names.to_numpy().astype(str)
     check_unique(barcodes, where, "obs_names")
-    counts, genes, counts_source = choose_counts(adata, where)
+    counts, genes, counts_source, gene_ids = choose_counts(adata, where)
     array_coords = None
     if {"array_row", "array_col"} <= set(adata.obs.columns):
         array_coords = adata.obs[["array_col", "array_row"]].to_numpy(np.int64)
@@ -105,27 +166,36 @@ def sample_from_anndata(
     meta = dict(meta or {}, counts_source=counts_source, coordinate_scale=scale)
     return Sample(
         sample_id=sample_id, patient_id=patient, mpp=mpp, barcodes=barcodes, centers=centers, image=image,
-        counts=counts, genes=genes, array_coords=array_coords, source=source, patient_known=known, meta=meta,
+        counts=counts, genes=genes, gene_ids=gene_ids, array_coords=array_coords, source=source,
+        patient_known=known, meta=meta,
     )
 
 
-def choose_counts(adata: Any, where: str) -> tuple[sp.csr_matrix, np.ndarray, str]:
-    """Raw counts: X when it holds integers, else ``layers['counts']``, else ``raw.X``; else X with a warning."""
-    candidates = [("X", adata.X, adata.var_names)]
+def choose_counts(adata: Any, where: str) -> tuple[sp.csr_matrix, np.ndarray, str, np.ndarray | None]:
+    """(raw counts, unique gene names, where the counts came from, gene ids or None).
+
+    Counts: X when it holds integers, else ``layers['counts']``, else ``raw.X``; else X with a warning. Gene
+    names are the var names made unique as scanpy does; ids come from ``var['gene_ids']`` (or ``gene_id``).
+    """
+    candidates = [("X", adata.X, adata.var)]
     if "counts" in adata.layers:
-        candidates.append(("layers['counts']", adata.layers["counts"], adata.var_names))
+        candidates.append(("layers['counts']", adata.layers["counts"], adata.var))
     if adata.raw is not None:
-        candidates.append(("raw.X", adata.raw.X, adata.raw.var_names))
-    for name, matrix, genes in candidates:
-        if matrix is not None and _integer_like(matrix):
-            return _csr(matrix), genes.to_numpy().astype(str), name
-    if adata.X is None:
-        raise InputError(f"{where}: the AnnData has no X and no layers['counts'].")
-    log.warning(
-        "%s: X holds non-integer values (normalised?) and there is no integer layers['counts'] or raw.X; "
-        "using X as is", where,
-    )
-    return _csr(adata.X), adata.var_names.to_numpy().astype(str), "X (non-integer)"
+        candidates.append(("raw.X", adata.raw.X, adata.raw.var))
+    chosen = next(((n, m, v) for n, m, v in candidates if m is not None and _integer_like(m)), None)
+    if chosen is None:
+        if adata.X is None:
+            raise InputError(f"{where}: the AnnData has no X and no layers['counts'].")
+        log.warning(
+            "%s: X holds non-integer values (normalised?) and there is no integer layers['counts'] or raw.X; "
+            "using X as is", where,
+        )
+        chosen = ("X (non-integer)", adata.X, adata.var)
+    name, matrix, var = chosen
+    genes = unique_gene_names(var.index.to_numpy().astype(str), f"{where} var_names")
+    id_column = next((c for c in GENE_ID_COLUMNS if c in var.columns), None)
+    gene_ids = None if id_column is None else var[id_column].to_numpy().astype(str)
+    return _csr(matrix), genes, name, gene_ids
 
 
 def _csr(matrix: Any) -> sp.csr_matrix:
@@ -176,14 +246,32 @@ def as_reader(image: str | Path | RegionReader) -> tuple[RegionReader, str]:
     return image, image.path
 
 
+def anndata_folder(path: Path) -> tuple[Path, Path] | None:
+    """(h5ad, image) of a folder holding exactly one ``.h5ad`` and one image file at its top, else None."""
+    if not path.is_dir():
+        return None
+    files = [p for p in path.iterdir() if p.is_file()]
+    h5ads = [p for p in files if p.suffix.lower() == ".h5ad"]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return (h5ads[0], images[0]) if len(h5ads) == 1 and len(images) == 1 else None
+
+
 class AnnDataReader:
-    """One ``.h5ad`` (scanpy/squidpy convention) with its image; one sample."""
+    """One ``.h5ad`` (scanpy/squidpy convention) with its image, or a folder holding exactly one of each."""
 
     name = "anndata"
-    looks_for = "a .h5ad file (anndata)"
+    looks_for = "a .h5ad file, or a folder with one .h5ad and one image (anndata)"
 
     def detect(self, path: Path) -> bool:
-        return path.is_file() and path.suffix.lower() == ".h5ad"
+        if path.is_file():
+            return path.suffix.lower() == ".h5ad"
+        return anndata_folder(path) is not None
 
     def read(self, path: Path, options: ReadOptions) -> list[Sample]:
-        return [read_anndata(path, options.image, options.mpp, samples=options.samples, samples_table=options.samples_table)]
+        image = options.image
+        if path.is_dir():
+            found = anndata_folder(path)
+            if found is None:
+                raise InputError(f"{path}: expected exactly one .h5ad and one image file at the top of the folder.")
+            path, image = found[0], image if image is not None else found[1]
+        return [read_anndata(path, image, options.mpp, samples=options.samples, samples_table=options.samples_table)]

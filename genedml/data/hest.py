@@ -7,15 +7,15 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from genedml.data.anndata_reader import read_h5ad, sample_from_anndata
-from genedml.data.formats import open_image
+from genedml.data.anndata_reader import HEST_MPP_KEYS, read_h5ad, sample_from_anndata
+from genedml.data.formats import IMAGE_SUFFIXES, open_image
 from genedml.data.reader import ReadOptions, reject_image
 from genedml.data.sample import Sample
 from genedml.data.samples_table import load_samples_table, resolve_mpp, select_ids
 from genedml.errors import InputError
 
-WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ndpi", ".jpg", ".png")
-MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
+WSI_SUFFIXES = IMAGE_SUFFIXES
+MPP_KEYS = HEST_MPP_KEYS
 PATIENT_KEYS = ("patient", "patient_id", "subject")
 
 

@@ -59,7 +59,7 @@ def _read_section(folder: Path, sample_id: str, mpp: float | None, table) -> Sam
     spots_path = folder / f"{sample_id}{SELECTION_SUFFIX}"
     counts_path = _find(folder, sample_id, COUNT_SUFFIXES, "counts table")
     image_path = _find(folder, sample_id, IMAGE_SUFFIXES, "image")
-    spots = _read_spot_table(spots_path)
+    spots = read_spot_table(spots_path)
     barcodes = (spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)).to_numpy()
     check_unique(barcodes, str(spots_path))
     check_not_empty(len(barcodes), str(spots_path), "the spot table has no selected rows")
@@ -88,7 +88,8 @@ def _read_section(folder: Path, sample_id: str, mpp: float | None, table) -> Sam
     )
 
 
-def _read_spot_table(path: Path) -> pd.DataFrame:
+def read_spot_table(path: Path, drop_unselected: bool = True) -> pd.DataFrame:
+    """A ``*_selection.tsv`` spot table with numeric x, y, pixel_x, pixel_y (rows with selected == 0 dropped)."""
     spots = pd.read_csv(path, sep="\t", engine="c")
     missing = [c for c in SELECTION_COLUMNS if c not in spots.columns]
     if missing:
@@ -100,7 +101,7 @@ def _read_spot_table(path: Path) -> pd.DataFrame:
     bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
         raise InputError(f"{path}: non-numeric or empty coordinates in data rows {np.flatnonzero(bad)[:10].tolist()}.")
-    if "selected" in spots.columns:
+    if drop_unselected and "selected" in spots.columns:
         unselected = spots["selected"] == 0
         if unselected.any():
             log.info("%s: skipped %d spots with selected == 0", path, int(unselected.sum()))

@@ -7,18 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from genedml.data.anndata_reader import AnnDataReader
+from genedml.data.authors_layout import AuthorsLayoutReader
 from genedml.data.hest import HestReader
 from genedml.data.image import RegionReader
 from genedml.data.legacy_st import LegacySTReader
 from genedml.data.reader import Reader, ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.spaceranger import SpaceRangerReader
+from genedml.data.spatialdata_reader import SpatialDataReader
+from genedml.data.visium_hd import VisiumHDReader
 from genedml.errors import InputError
 
-# Detection order: the first reader whose `detect` says yes reads the path.
-READERS: list[Reader] = [AnnDataReader(), HestReader(), SpaceRangerReader(), LegacySTReader()]
+# Detection order: the first reader whose `detect` says yes reads the path. AnnData comes last: its folder form
+# (one .h5ad + one image) must not take a folder another layout explains.
+READERS: list[Reader] = [
+    HestReader(), VisiumHDReader(), SpaceRangerReader(), LegacySTReader(), AuthorsLayoutReader(), SpatialDataReader(),
+    AnnDataReader(),
+]
 FORMATS = tuple(reader.name for reader in READERS)
 DEFAULT_SAMPLES_TABLE = "samples.csv"
+BINNED_FORMATS = ("visium-hd", "spatialdata")  # formats that take bin_size_um
 
 
 def reader_for(path: str | Path, format: str | None = None) -> Reader:
@@ -52,17 +60,22 @@ def read_samples(
     samples_table: Any = None,
     image: str | Path | RegionReader | None = None,
     format: str | None = None,
+    bin_size_um: float | None = None,
 ) -> list[Sample]:
     """Read all (or the chosen) samples under `path`, whatever its format (auto-detected unless given).
 
-    `image` applies to single-sample formats (anndata, spaceranger) whose image lives elsewhere.
+    `image` applies to single-sample formats (anndata, spaceranger, visium-hd) whose image lives elsewhere;
+    `bin_size_um` to Visium HD runs (default: 8 µm, or the ``square_*um`` folder `path` names).
     A `samples.csv` (sample_id,patient_id[,mpp]) inside a dataset folder is used when no table is given.
     """
     path = Path(path)
     reader = reader_for(path, format)
+    if bin_size_um is not None and reader.name not in BINNED_FORMATS:
+        raise InputError(f"{path}: bin_size_um applies to {' and '.join(BINNED_FORMATS)} inputs, not {reader.name}.")
     if samples_table is None and path.is_dir() and (path / DEFAULT_SAMPLES_TABLE).is_file():
         samples_table = path / DEFAULT_SAMPLES_TABLE
-    return reader.read(path, ReadOptions(samples=samples, mpp=mpp, samples_table=samples_table, image=image))
+    options = ReadOptions(samples=samples, mpp=mpp, samples_table=samples_table, image=image, bin_size_um=bin_size_um)
+    return reader.read(path, options)
 
 
 def inspect_samples(path: str | Path, **kwargs: Any) -> list[dict]:

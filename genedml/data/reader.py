@@ -16,12 +16,13 @@ from genedml.errors import InputError
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """What a user may say about any input: which samples, pixel size, samples table, an external image."""
+    """What a user may say about any input: which samples, pixel size, samples table, an external image, bin size."""
 
     samples: Iterable[str] | str | None = None
     mpp: float | None = None
     samples_table: Any = None  # path, parsed table, or None
     image: str | Path | RegionReader | None = None  # single-sample formats whose image lives elsewhere
+    bin_size_um: float | None = None  # Visium HD: square bin size (None: the folder's, else 8 µm)
 
 
 class Reader(Protocol):
@@ -38,4 +39,4 @@ class Reader(Protocol):
 def reject_image(format_name: str, path: Path, options: ReadOptions) -> None:
     """Multi-sample formats find their own images: an external image would be silently ignored."""
     if options.image is not None:
-        raise InputError(f"{path}: image= (--image) applies to anndata/spaceranger inputs; {format_name} finds its own images.")
+        raise InputError(f"{path}: image= (--image) applies to anndata/spaceranger/visium-hd inputs; {format_name} finds its own images.")

@@ -18,7 +18,8 @@ class Sample:
 
     Conventions: ``centers`` are level-0 pixels with x = column, y = row (scanpy/HEST ``obsm['spatial']``);
     ``array_coords`` are integer grid positions in the same order (x = array column, y = array row);
-    ``mpp`` is micrometres per level-0 pixel.
+    ``mpp`` is micrometres per level-0 pixel; ``genes`` are unique names (duplicates suffixed -1, -2 … as in
+    scanpy), ``gene_ids`` the file's stable ids where it has them.
     """
 
     sample_id: str
@@ -33,6 +34,7 @@ class Sample:
     source: str = "unknown"
     patient_known: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    gene_ids: np.ndarray | None = None  # stable ids (e.g. Ensembl) beside `genes`, when the file has them
 
     def __post_init__(self) -> None:
         self.barcodes = np.asarray(self.barcodes).astype(str)
@@ -43,6 +45,8 @@ class Sample:
             self.counts = sp.csr_matrix(self.counts)
         if self.genes is not None:
             self.genes = np.asarray(self.genes).astype(str)
+        if self.gene_ids is not None:
+            self.gene_ids = np.asarray(self.gene_ids).astype(str)
         if self.array_coords is not None:
             self.array_coords = np.asarray(self.array_coords, dtype=np.int64)
         self.validate()
@@ -88,6 +92,8 @@ class Sample:
             )
         if self.array_coords is not None and self.array_coords.shape != (n, 2):
             raise InputError(f"{where}: array_coords must have shape ({n}, 2), got {self.array_coords.shape}.")
+        if self.gene_ids is not None and (self.genes is None or len(self.gene_ids) != len(self.genes)):
+            raise InputError(f"{where}: {len(self.gene_ids)} gene ids for {self.n_genes} genes.")
         if self.counts is not None:
             if self.genes is None or self.counts.shape != (n, len(self.genes)):
                 raise InputError(
@@ -117,6 +123,7 @@ class Sample:
             image=self.image,
             counts=None if self.counts is None else self.counts[keep],
             genes=self.genes,
+            gene_ids=self.gene_ids,
             array_coords=None if self.array_coords is None else self.array_coords[keep],
             source=self.source,
             patient_known=self.patient_known,

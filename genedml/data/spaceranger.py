@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +12,18 @@ import pandas as pd
 import scipy.sparse as sp
 
 from genedml.data.anndata_reader import as_reader
+from genedml.data.formats import IMAGE_SUFFIXES
 from genedml.data.image import RegionReader
 from genedml.data.reader import ReadOptions
 from genedml.data.sample import Sample
 from genedml.data.samples_table import load_samples_table, resolve_mpp, resolve_patient, select_ids
-from genedml.data.spots import check_not_empty, check_unique, join_counts
+from genedml.data.spots import check_not_empty, check_unique, join_counts, unique_gene_names
 from genedml.data.visium import fullres_mpp, image_scale
 from genedml.errors import InputError
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 MATRIX_FILES = ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5")
-IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".jpg", ".jpeg", ".png")
 
 
 def spaceranger_root(path: str | Path) -> Path | None:
@@ -43,11 +43,14 @@ def read_spaceranger(
     sample_id: str | None = None,
     samples: Iterable[str] | str | None = None,
     samples_table=None,
+    image_dirs: Sequence[Path] = (),
+    source: str = "spaceranger",
 ) -> Sample:
     """One sample from a Space Ranger output: in-tissue spots with counts, centres in `image` pixels.
 
     `image` is the full-resolution image (or ``spatial/tissue_hires_image.png``, then coordinates and mpp are
-    scaled by ``tissue_hires_scalef``); when omitted, the one image file at the top of `folder` is used.
+    scaled by ``tissue_hires_scalef``); when omitted, the one image file at the top of `folder` (else of the
+    first of `image_dirs` holding image files) is used. µm/px comes from ``scalefactors_json.json``.
     """
     folder = Path(folder)
     root = spaceranger_root(folder)
@@ -66,26 +69,26 @@ def read_spaceranger(
     check_unique(barcodes, str(positions_path))
     check_not_empty(len(barcodes), str(positions_path), "no spot has in_tissue == 1")
     matrix_path = next(root / name for name in MATRIX_FILES if (root / name).is_file())
-    count_barcodes, genes, counts = read_10x_h5(matrix_path)
+    count_barcodes, genes, counts, gene_ids = read_10x_h5(matrix_path)
     keep, counts = join_counts(barcodes, count_barcodes, counts, f"{where}: {matrix_path.name}")
     positions, barcodes = positions[keep], barcodes[keep]
 
     scalefactors = _read_scalefactors(root / "spatial" / "scalefactors_json.json")
-    reader, image_path = _open_image(image, root, where)
+    reader, image_path = _open_image(image, [root, *image_dirs], where)
     scale, resolution = image_scale(image_path, (reader.width, reader.height), scalefactors, None, where)
-    mpp_file = fullres_mpp(scalefactors, where)
+    mpp_file, how = fullres_mpp(scalefactors, where)
     table = load_samples_table(samples_table)
     resolved = resolve_mpp(
         sample_id, where, given=mpp, table=table, from_file=None if mpp_file is None else mpp_file / scale,
-        how="spatial/scalefactors_json.json (spot_diameter_fullres, 55 µm Visium spots)",
+        how=f"spatial/scalefactors_json.json: {how}",
     )
     patient, known = resolve_patient(sample_id, table)
     return Sample(
         sample_id=sample_id, patient_id=patient, mpp=resolved, barcodes=barcodes,
         centers=positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * scale,
-        image=reader, counts=counts, genes=genes,
+        image=reader, counts=counts, genes=genes, gene_ids=gene_ids,
         array_coords=positions[["array_col", "array_row"]].to_numpy(np.int64),
-        source="spaceranger", patient_known=known,
+        source=source, patient_known=known,
         meta={"path": str(root), "image": image_path, "positions": str(positions_path),
               "matrix": str(matrix_path), "image_resolution": resolution, "coordinate_scale": scale},
     )
@@ -112,8 +115,12 @@ def read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
     raise InputError(f"{spatial}: no spot positions (looked for {', '.join(POSITION_FILES)}).")
 
 
-def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
-    """(barcodes, gene names, spots × genes float32 CSR) from a 10x feature-barcode HDF5 matrix."""
+def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix, np.ndarray | None]:
+    """(barcodes, unique gene names, spots × genes float32 CSR, gene ids) from a 10x feature-barcode HDF5 matrix.
+
+    Only "Gene Expression" features are kept. Duplicated gene names are made unique (GENE, GENE-1 …) as scanpy
+    does; the ids (``features/id``, Ensembl) are returned beside them, None when the file has none.
+    """
     import h5py
 
     try:
@@ -126,8 +133,10 @@ def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
                 shape=(n_barcodes, n_features),
             )
             barcodes = group["barcodes"][:].astype(str)
-            genes = group["features/name"][:].astype(str)
-            types = group["features/feature_type"][:].astype(str) if "feature_type" in group["features"] else None
+            features = group["features"]
+            genes = features["name"][:].astype(str)
+            gene_ids = features["id"][:].astype(str) if "id" in features else None
+            types = features["feature_type"][:].astype(str) if "feature_type" in features else None
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(
             f"Cannot read 10x matrix {path}: {exc}. Expected matrix/{{data,indices,indptr,shape,barcodes,"
@@ -136,7 +145,8 @@ def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
     if types is not None and (types != "Gene Expression").any():
         expression = types == "Gene Expression"
         counts, genes = counts[:, expression], genes[expression]
-    return barcodes, genes, counts
+        gene_ids = None if gene_ids is None else gene_ids[expression]
+    return barcodes, unique_gene_names(genes, str(path)), counts, gene_ids
 
 
 def _read_scalefactors(path: Path) -> dict:
@@ -148,13 +158,18 @@ def _read_scalefactors(path: Path) -> dict:
         raise InputError(f"Cannot parse {path}: {exc}.") from exc
 
 
-def _open_image(image: str | Path | RegionReader | None, root: Path, where: str) -> tuple[RegionReader, str]:
+def _open_image(image: str | Path | RegionReader | None, roots: Sequence[Path], where: str) -> tuple[RegionReader, str]:
     if image is None:
-        found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        searched: list[str] = []
+        for root in roots:
+            found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            searched.append(str(root))
+            if found:
+                break
         if len(found) != 1:
             raise InputError(
-                f"{where}: pass the full-resolution image with image=PATH (--image); found "
-                f"{len(found)} image files ({[p.name for p in found]}) at the top of {root}."
+                f"{where}: pass the full-resolution image with image=PATH (--image); found {len(found)} image "
+                f"files ({[p.name for p in found]}) at the top of {' or '.join(searched)}."
             )
         image = found[0]
     return as_reader(image)

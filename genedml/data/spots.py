@@ -1,7 +1,9 @@
-"""Checks and joins shared by the readers: unique barcodes, spot table ⋈ counts table by barcode."""
+"""Checks and joins shared by the readers: unique barcodes, unique gene names, spot table ⋈ counts table by
+barcode."""
 
 from __future__ import annotations
 
+from collections import Counter
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,6 +30,34 @@ def check_not_empty(n_spots: int, where: str, what: str) -> None:
     """An empty sample is an error users can fix (wrong file, wrong filter), not an empty result."""
     if n_spots == 0:
         raise InputError(f"{where}: the sample has no spots ({what}).")
+
+
+def unique_gene_names(genes: np.ndarray, where: str) -> np.ndarray:
+    """Gene names made unique as scanpy's ``var_names_make_unique`` does: the first GENE stays, later ones become
+    GENE-1, GENE-2 … (skipping names already taken). Logs a warning naming a few duplicates."""
+    genes = np.asarray(genes).astype(str)
+    seen = Counter(genes.tolist())
+    duplicated = sorted(g for g, n in seen.items() if n > 1)
+    if not duplicated:
+        return genes
+    taken, suffix, first = set(seen), Counter(), set()
+    out = genes.astype(object)
+    for i, gene in enumerate(genes):
+        if gene not in first:
+            first.add(gene)
+            continue
+        while True:
+            suffix[gene] += 1
+            candidate = f"{gene}-{suffix[gene]}"
+            if candidate not in taken:
+                taken.add(candidate)
+                out[i] = candidate
+                break
+    log.warning(
+        "%s: %d gene names occur more than once (e.g. %s); made unique as GENE, GENE-1, GENE-2 … like scanpy's "
+        "var_names_make_unique (gene ids are kept where the file has them)", where, len(duplicated), duplicated[:5],
+    )
+    return out.astype(str)
 
 
 def join_counts(
