@@ -29,6 +29,7 @@ class Batch:
     slot: torch.Tensor
     slide_pos: torch.Tensor
     token_weights: torch.Tensor | None = None
+    slide_ids: tuple[int, ...] = ()  # the slide index of each entry of slide_tokens (cache keys in eval)
 
     def __len__(self) -> int:
         return int(self.local.shape[0])
@@ -96,6 +97,7 @@ class BatchMaker:
             local=self._tensor(local),
             neighbor=neighbor,
             neighbor_mask=mask,
+            slide_ids=tuple(int(s) for s in present),
             slide_tokens=[p[0] for p in pairs],
             slide_grid=[p[1] for p in pairs],
             slot=torch.from_numpy(slot).to(self.device),

@@ -7,8 +7,9 @@ on identical encoders (`genedml.heads.triplex`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ class GeneDMLSettings(TrainSettings):
     global_heads: int = 8
     global_mlp_ratio: float = 4.0
     global_dropout: float = 0.3
+    # Slides with more spots than this attend within windows of global_window x global_window grid cells
+    # instead of exactly (memory); the exact path is used wherever it fits.
+    global_window_above: int = 20_000
+    global_window: int = 64
     fusion_depth: int = 1
     fusion_heads: int = 1
     fusion_mlp_ratio: float = 2.0  # 512 → 1024
@@ -116,8 +121,10 @@ class GeneDMLModel(nn.Module):
             )
         if "global" in cfg.scales:
             self.global_encoder = GlobalEncoder(
-                d, cfg.global_depth, cfg.global_heads, cfg.global_mlp_ratio, cfg.global_dropout
+                d, cfg.global_depth, cfg.global_heads, cfg.global_mlp_ratio, cfg.global_dropout,
+                window=cfg.global_window, window_above=cfg.global_window_above,
             )
+        self._global_cache: dict[int, torch.Tensor] | None = None
         self.fc = nn.Linear(d, e)
         self.fusion = FusionEncoder(e, cfg.fusion_depth, cfg.fusion_heads, int(e * cfg.fusion_mlp_ratio), cfg.fusion_dropout)
         hidden = int(e * cfg.regression_hidden_ratio)
@@ -134,10 +141,30 @@ class GeneDMLModel(nn.Module):
                 {s: nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, g)) for s in cfg.scales}
             )
 
+    @contextlib.contextmanager
+    def reuse_global_tokens(self) -> Iterator[None]:
+        """Within the block, eval passes encode each slide's global scale once (keyed by slide index)."""
+        self._global_cache = {}
+        try:
+            yield
+        finally:
+            self._global_cache = None
+
     # -- encoders -------------------------------------------------------------------------------------------
     def _global_tokens(self, batch: Batch) -> torch.Tensor:
-        """Encode every slide of the batch once (all its spots), then pick the batch's spots → (B, D)."""
-        encoded = [self.global_encoder(tokens, grid) for tokens, grid in zip(batch.slide_tokens, batch.slide_grid)]
+        """Encode every slide of the batch once (all its spots), then pick the batch's spots → (B, D).
+
+        In eval mode inside `reuse_global_tokens()`, a slide is encoded once for all the batches of a pass.
+        """
+        encoded = []
+        for i, (tokens, grid) in enumerate(zip(batch.slide_tokens, batch.slide_grid)):
+            key = batch.slide_ids[i] if batch.slide_ids else None
+            if self._global_cache is not None and key is not None and not self.training:
+                if key not in self._global_cache:
+                    self._global_cache[key] = self.global_encoder(tokens, grid)
+                encoded.append(self._global_cache[key])
+            else:
+                encoded.append(self.global_encoder(tokens, grid))
         out = batch.local.new_empty(len(batch), batch.local.shape[-1])
         for i, enc in enumerate(encoded):
             rows = torch.nonzero(batch.slot == i).squeeze(1)

@@ -131,23 +131,62 @@ class PEG(nn.Module):
 
 
 class GlobalEncoder(nn.Module):
-    """One block → PEG → depth−1 blocks → LayerNorm over all spots of one slide."""
+    """One block → PEG → depth−1 blocks → LayerNorm over all spots of one slide.
 
-    def __init__(self, dim: int, depth: int = 5, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.3):
+    Attention is exact (every spot attends to every spot, through SDPA's memory-efficient kernels) up to
+    `window_above` spots; a larger slide attends within windows of `window` × `window` grid cells (local
+    windows, as STFlow does for whole slides). The PEG convolution always sees the whole slide.
+    """
+
+    def __init__(self, dim: int, depth: int = 5, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.3,
+                 window: int = 64, window_above: int = 20_000):
         super().__init__()
         if depth < 1:
             raise ValueError("global encoder depth must be >= 1")
         self.blocks = nn.ModuleList(Block(dim, heads, int(dim * mlp_ratio), dropout) for _ in range(depth))
         self.peg = PEG(dim)
         self.norm = nn.LayerNorm(dim)
+        self.window = window
+        self.window_above = window_above
 
     def forward(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """tokens (M, D), grid (M, 2) → (M, D), one output token per input spot, same order."""
+        if len(tokens) > self.window_above:
+            return self._windowed(tokens, grid)
         x = self.blocks[0](tokens[None])
         x = self.peg(x[0], grid)[None]
         for block in self.blocks[1:]:
             x = block(x)
         return self.norm(x)[0]
+
+    def _windowed(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """The same layers with attention restricted to spots in the same window of grid cells."""
+        groups, key_valid, order = window_groups(grid, self.window)
+        bias = masked_bias(key_valid, tokens.dtype)
+
+        def attend(block: Block, x: torch.Tensor) -> torch.Tensor:
+            padded = x.new_zeros(key_valid.shape + (x.shape[-1],))
+            padded[key_valid] = x[order]
+            out = block(padded, bias)[key_valid]
+            return torch.empty_like(x).index_copy_(0, order, out)
+
+        x = attend(self.blocks[0], tokens)
+        x = self.peg(x, grid)
+        for block in self.blocks[1:]:
+            x = attend(block, x)
+        return self.norm(x)
+
+
+def window_groups(grid: torch.Tensor, window: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Spots grouped by window of `window` x `window` grid cells: (number of windows, (W, L) validity of the
+    padded groups, the spot order that fills the valid slots row by row)."""
+    cell = (grid - grid.min(0).values) // window
+    key = cell[:, 1] * (int(cell[:, 0].max()) + 1) + cell[:, 0]
+    key_sorted, order = torch.sort(key, stable=True)
+    _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+    length = int(counts.max())
+    valid = torch.arange(length, device=grid.device)[None, :] < counts[:, None]
+    return len(counts), valid, order
 
 
 def feed_forward(dim: int, hidden: int, dropout: float = 0.0) -> nn.Sequential:

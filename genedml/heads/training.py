@@ -170,7 +170,8 @@ class NeuralHead(Head):
         model.eval()
         maker = BatchMaker(feats, self.device, self.needs_neighbor(), self._scaler())
         size = self.settings.eval_batch_size
-        with torch.no_grad():
+        reuse = getattr(model, "reuse_global_tokens", contextlib.nullcontext)
+        with torch.no_grad(), reuse():
             parts = [fn(maker.make(np.arange(i, min(i + size, len(feats))))).float().cpu().numpy()
                      for i in range(0, len(feats), size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
