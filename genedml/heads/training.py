@@ -24,6 +24,7 @@ from genedml.errors import ConfigError, ModelDirError
 from genedml.heads.base import FORMAT_VERSION, WEIGHTS, Head, Progress, check_targets, read_saved, write_head_json
 from genedml.heads.batch import Batch, BatchMaker
 from genedml.heads.features import SpotFeatures
+from genedml.log import log
 from genedml.metrics import mean_gene_pcc
 
 
@@ -227,6 +228,8 @@ class NeuralHead(Head):
             best = {"epoch": -1, "pcc": -np.inf, "state": None}
             for epoch in range(cfg.epochs):
                 parts = self._train_epoch(maker, targets, optimizer, generator, passes, amp, grad_scaler)
+                if epoch == 0:
+                    self._warn_if_long(time.perf_counter() - start, device)
                 scheduler.step()
                 pcc = self.validation_pcc(val, y_val) if val is not None else float("nan")
                 epochs.append({"epoch": epoch, **parts, "val_pcc": pcc})
@@ -253,6 +256,16 @@ class NeuralHead(Head):
             "seconds": time.perf_counter() - start,
         }
         return self
+
+    def _warn_if_long(self, first_epoch_seconds: float, device: torch.device) -> None:
+        """After the first epoch: say how long the whole fit may take when that is more than half an hour."""
+        worst = first_epoch_seconds * self.settings.epochs
+        if worst > 1800:
+            hint = (" On a CPU, smaller encoders are much faster, e.g. --head-option dim=128 --head-option "
+                    "neighbor_depth=1 --head-option neighbor_mlp_ratio=1.0 --head-option global_depth=2 "
+                    "--head-option global_mlp_ratio=1.0." if device.type == "cpu" else "")
+            log.warning("%s: the first epoch took %.0f s; up to %d epochs (early stopping usually ends sooner) may "
+                        "take up to %.1f h.%s", self.name, first_epoch_seconds, self.settings.epochs, worst / 3600, hint)
 
     def passes_per_epoch(self, n_spots: int) -> int:
         """Full shuffled passes per epoch: enough for `min_epoch_steps` optimiser steps."""
