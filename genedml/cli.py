@@ -217,12 +217,13 @@ def export_h5_cmd(
     cache: Path = typer.Argument(..., help="Feature cache directory."),
     out_dir: Path = typer.Argument(..., help="Where to write <sample>.h5 files."),
     samples: Optional[str] = typer.Option(None, help="Comma-separated sample ids (default: all complete)."),
+    layout: str = typer.Option("trident", help="trident: features + coords with TRIDENT's attrs (default); hest: embeddings, barcodes, coords for HEST's benchmark."),
 ) -> None:
-    """Export pooled local features as TRIDENT/HEST-style .h5 files (features, coords, barcodes)."""
+    """Export pooled local features as .h5 files that TRIDENT (--layout trident) or HEST's benchmark (--layout hest) read."""
     from genedml.cache import FeatureCache, export_h5
 
-    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples))
-    console.print(f"export-h5: wrote {len(paths)} files to {out_dir}")
+    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples), layout=layout)
+    console.print(f"export-h5: wrote {len(paths)} {layout}-layout files to {out_dir}")
 
 
 # ----------------------------------------------------------------------------------------------- fit
