@@ -219,12 +219,13 @@ def export_h5_cmd(
     cache: Path = typer.Argument(..., help="Feature cache directory."),
     out_dir: Path = typer.Argument(..., help="Where to write <sample>.h5 files."),
     samples: Optional[str] = typer.Option(None, help="Comma-separated sample ids (default: all complete)."),
+    layout: str = typer.Option("trident", help="trident: features + coords with TRIDENT's attrs (default); hest: embeddings, barcodes, coords for HEST's benchmark."),
 ) -> None:
-    """Export pooled local features as TRIDENT/HEST-style .h5 files (features, coords, barcodes)."""
+    """Export pooled local features as .h5 files that TRIDENT (--layout trident) or HEST's benchmark (--layout hest) read."""
     from genedml.cache import FeatureCache, export_h5
 
-    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples))
-    console.print(f"export-h5: wrote {len(paths)} files to {out_dir}")
+    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples), layout=layout)
+    console.print(f"export-h5: wrote {len(paths)} {layout}-layout files to {out_dir}")
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -395,6 +396,57 @@ def cv(
         head={"batch_size": batch_size, "lr": lr, **_key_values(head_option)},
     )
     summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
+    console.print(summary["markdown"])
+
+
+# --------------------------------------------------------------------------------------------- bench
+bench_app = typer.Typer(help="Published evaluation protocols, one command each, on a feature cache.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("hest")
+def bench_hest(
+    bench_dir: Path = typer.Argument(..., help="HEST's benchmark folder (<TASK>/splits, adata, patches, var_50genes.json) or one task folder."),
+    cache: Path = typer.Option(..., "--cache", help="Feature cache of the benchmark's samples (same sample ids)."),
+    out: Path = typer.Option(..., "--out", help="Where to write dataset_results.json, hest_bench.md and per-split results."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Refuse a cache made with another backbone; names the rows."),
+    model: list[str] = typer.Option(["ridge"], "--model", help="Heads to run on the same splits (repeatable); ridge is HEST's probe."),
+    task: list[str] = typer.Option([], "--task", help="Only these tasks (repeatable, e.g. IDC)."),
+    gene_list: str = typer.Option("var_50genes.json", help="Gene-list file inside each task folder."),
+    epochs: int = typer.Option(200, help="Maximum epochs of neural heads."),
+    seed: int = typer.Option(1, help="Random seed (HEST's default is 1)."),
+    head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
+) -> None:
+    """HEST-Benchmark: its splits, genes, log1p targets, ridge probe and Pearson; every head on the same splits."""
+    from genedml.bench.hest import HestBenchSettings, run_hest_bench
+
+    settings = HestBenchSettings(models=model, tasks=task or None, gene_list=gene_list, backbone=backbone, seed=seed,
+                                 epochs=epochs, head=_key_values(head_option))
+    summary = run_hest_bench(bench_dir, cache, out, settings)
+    console.print(summary["markdown"])
+
+
+@bench_app.command("paper")
+def bench_paper(
+    data: Path = typer.Argument(..., help="The dataset folder the cache was made from (expression, and the authors' gene list if present)."),
+    cache: Path = typer.Option(..., "--cache", help="Feature cache of the dataset's sections."),
+    dataset: str = typer.Option(..., "--dataset", help="her2st | stnet | cscc."),
+    out: Path = typer.Option(..., "--out", help="Where to write paper_summary.{md,json} and the cv files."),
+    model: list[str] = typer.Option(["genedml"], "--model", help="Heads (repeatable): genedml, triplex, bleep, ridge, ridge-cv."),
+    fold: list[int] = typer.Option([], "--fold", help="Only these folds (0-based, the authors' order; repeatable)."),
+    gene_list: Optional[Path] = typer.Option(None, help="The authors' gene list (.npy, .json or text; default: DATA/genes_<dataset>.npy when present)."),
+    epochs: int = typer.Option(200, help="Maximum epochs."),
+    seeds: str = typer.Option("2021", help="Comma-separated seeds (neural heads are run once per seed)."),
+    head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
+    mpp: Optional[float] = MppOpt,
+    samples_table: Optional[Path] = SamplesTableOpt,
+) -> None:
+    """Gene-DML / TRIPLEX protocol: the authors' patient folds, targets and per-slide PCC (ACG/HEG/HVG/HPG)."""
+    from genedml.bench.paper import PaperSettings, run_paper
+
+    settings = PaperSettings(dataset=dataset, models=model, folds=fold or None, gene_list=gene_list, epochs=epochs,
+                             seeds=[int(s) for s in _csv(seeds) or ["2021"]], head=_key_values(head_option))
+    summary = run_paper(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
     console.print(summary["markdown"])
 
 

@@ -42,6 +42,8 @@ class CVSettings:
     samples: list[str] | None = None
     test_samples: list[str] | None = None
     genes: int = 250
+    gene_list: Path | None = None
+    log: str = "log1p"
     smooth: bool = False
     epochs: int = 200
     seeds: list[int] = field(default_factory=lambda: [2021])
@@ -108,8 +110,15 @@ def variant_settings(variant: Variant, settings: CVSettings, seed: int) -> Any:
     return head_settings(variant.model, dict(variant.overrides), shared=shared)
 
 
-def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: CVSettings, *, read_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit/predict/evaluate every variant on every fold; write folds, per-run metrics and the summary."""
+def run_cv(
+    data: str | Path, cache_dir: str | Path, out: str | Path, settings: CVSettings, *,
+    read_kwargs: dict[str, Any] | None = None, folds: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Fit/predict/evaluate every variant on every fold; write folds, per-run metrics and the summary.
+
+    `folds` ({"name", "train", "test"} each) replaces the leave-one-group-out folds, e.g. a paper's own.
+    The summary also carries the per-run rows under "runs".
+    """
     from genedml.data import read_samples
 
     for variant in variants(settings):  # every setting is checked before any work starts
@@ -120,7 +129,7 @@ def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: C
     ids = settings.samples or cache.samples()
     samples = read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})
     by_id = {s.sample_id: s for s in samples}
-    folds = make_folds(samples, settings.by, settings.test_samples)
+    folds = folds or make_folds(samples, settings.by, settings.test_samples)
     runs: list[dict[str, Any]] = []
     fitted: dict[tuple[str, str, int], Path] = {}
     for fold in folds:
@@ -134,7 +143,8 @@ def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: C
                     model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
                     # Closed-form heads never use a validation section: they train on every training section.
                     fs = FitSettings(
-                        model=variant.model, genes=settings.genes, smooth=settings.smooth, train_samples=fold["train"],
+                        model=variant.model, genes=settings.genes, gene_list=settings.gene_list, log=settings.log,
+                        smooth=settings.smooth, train_samples=fold["train"],
                         val_fraction=settings.val_fraction if variant.model in NEURAL_HEADS else 0.0, seed=seed,
                         head=variant_settings(variant, settings, seed),
                     )
@@ -150,7 +160,7 @@ def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: C
     (out / "cv_runs.json").write_text(json.dumps(runs, indent=2))
     (out / "cv_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "cv_summary.md").write_text(summary["markdown"])
-    return summary
+    return summary | {"runs": runs}
 
 
 def evaluate_fold(model_dir: Path, cache: FeatureCache, test_ids: list[str], samples: dict[str, Sample], retrieval: RetrievalSettings | None) -> dict[str, Any]:
@@ -164,6 +174,8 @@ def evaluate_fold(model_dir: Path, cache: FeatureCache, test_ids: list[str], sam
     metrics = score(truth, preds, test_ids, predictor.targets)
     flat = {k: metrics["per_slide_mean"][k] for k in METRICS}
     flat |= {f"pooled_{k}": metrics["pooled"][k] for k in METRICS}
+    flat["pcc_hpg"] = metrics["per_slide_mean"]["pcc_hpg"]  # test-selected genes: optimistic, kept out of the table
+    flat["gene_pcc"] = dict(zip(predictor.targets.panel, metrics["per_gene"]["pcc_per_slide_mean"]))
     flat["best_epoch"] = predictor.config.get("best_epoch")
     return flat
 

@@ -12,6 +12,7 @@ import numpy as np
 from genedml.errors import InputError
 from genedml.metrics import evaluate_predictions
 from genedml.model_dir import read_targets
+from genedml.output import model_dir_of
 from genedml.targets import TargetSpec, targets_at
 
 N_MAPPED_GENES = 4
@@ -42,7 +43,7 @@ def evaluate_dir(
     files = _prediction_files(Path(pred))
     adatas = [ad.read_h5ad(f) for f in files]
     provenance = dict(adatas[0].uns.get("genedml", {}))
-    model_dir = Path(model_dir or provenance.get("model_dir", ""))
+    model_dir = Path(model_dir) if model_dir else model_dir_of(files[0], provenance)
     spec = read_targets(model_dir)
     ids = [str(a.obs["sample_id"].iloc[0]) for a in adatas]
     samples = {s.sample_id: s for s in read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})}

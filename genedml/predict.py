@@ -15,7 +15,7 @@ from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache, settings_diff
 from genedml.errors import CacheMismatchError, ModelDirError
 from genedml.heads.features import SpotFeatures
-from genedml.output import write_prediction
+from genedml.output import cached_sample_view, log_view, write_prediction
 from genedml.model_dir import BANK_DIR, HEAD_DIR, INDEX_FILE, PROTOTYPES, Prototypes, read_config, read_targets
 from genedml.log import log
 
@@ -100,6 +100,7 @@ class Predictor:
         protos = self.prototypes()
         if protos is not None and query is not None:
             out["group"] = protos.assign(query)
+            out["n_groups"] = len(protos.sizes)
         return out
 
     def provenance(self, retrieval: RetrievalSettings | None) -> dict[str, Any]:
@@ -120,9 +121,19 @@ class Predictor:
 
 
 def predict_cache(
-    model_dir: str | Path, cache_dir: str | Path, out: str | Path, *, samples: Sequence[str] | None = None, retrieval: RetrievalSettings | None = None
+    model_dir: str | Path,
+    cache_dir: str | Path,
+    out: str | Path,
+    *,
+    samples: Sequence[str] | None = None,
+    retrieval: RetrievalSettings | None = None,
+    read_image: bool = True,
 ) -> list[Path]:
-    """Predict every requested cached sample; one `<sample>.h5ad` per sample in `out`."""
+    """Predict every requested cached sample; one `<sample>.h5ad` per sample in `out`.
+
+    Each file carries `uns['spatial']` for scanpy/squidpy: a thumbnail of the image the features were
+    extracted from (read again from the path the cache recorded; `read_image=False` skips it).
+    """
     predictor = Predictor(model_dir)
     cache = FeatureCache(cache_dir)
     predictor.check_cache(cache)
@@ -135,5 +146,7 @@ def predict_cache(
         feats = load_spot_features(cache, [sample_id], with_aug=False)
         centers = cache.read(sample_id, names=["centers"]).arrays["centers"]
         pred = predictor.predict(feats, retrieval)
-        paths.append(write_prediction(Path(out) / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, provenance))
+        view = cached_sample_view(cache.sample_attrs(sample_id), centers, read_image=read_image)
+        log_view(sample_id, view)
+        paths.append(write_prediction(Path(out) / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, provenance, spatial=view))
     return paths

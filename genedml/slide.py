@@ -11,22 +11,11 @@ from genedml.data.formats import open_image
 from genedml.data.image import RegionReader
 from genedml.data.sample import Sample
 from genedml.errors import InputError
-from genedml.output import write_prediction
+from genedml.output import SpatialView, spot_diameter_px, thumbnail, write_prediction
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
 
 THUMBNAIL_SIDE = 2048
-
-
-def thumbnail(image: RegionReader, max_side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, float]:
-    """A downsampled RGB view and its scale (thumbnail px per level-0 px), read in row strips."""
-    step = max(1, int(np.ceil(max(image.width, image.height) / max_side)))
-    strip = step * max(1, 4096 // step)
-    rows = []
-    for y in range(0, image.height, strip):
-        h = min(strip, image.height - y)
-        rows.append(image.read_region(0, y, image.width, h).pixels[::step, ::step])
-    return np.concatenate(rows, axis=0), 1.0 / step
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -66,7 +55,7 @@ def virtual_spots(
 
     `view` is a `thumbnail(image)` the caller already has (reading one means reading the whole slide).
     """
-    thumb, scale = view if view is not None else thumbnail(image)
+    thumb, scale = view if view is not None else thumbnail(image, THUMBNAIL_SIDE)
     mask = tissue_mask(thumb)
     pitch_px = pitch_um / mpp
     xs = np.arange(pitch_px / 2, image.width, pitch_px)
@@ -113,7 +102,7 @@ def predict_slide(
     image = open_image(slide)
     cs = predictor.config["cache_settings"]
     pitch = pitch_um or float(predictor.config.get("spot_pitch_um") or 100.0)
-    thumb, scale = thumbnail(image)
+    thumb, scale = thumbnail(image, THUMBNAIL_SIDE)
     centers, grid = virtual_spots(image, mpp, pitch, view=(thumb, scale))
     sample_id = Path(slide).stem
     barcodes = np.array([f"{c}x{r}" for c, r in grid])
@@ -135,7 +124,8 @@ def predict_slide(
     run_extraction([sample], backbone, cache.root, settings, overwrite=True)
     feats = load_spot_features(cache, [sample_id], with_aug=False)
     pred = predictor.predict(feats, retrieval)
-    paths = [write_prediction(out / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, predictor.provenance(retrieval))]
+    spatial = SpatialView.from_thumbnail(thumb, scale, spot_diameter_px(centers, pitch / mpp), str(slide))
+    paths = [write_prediction(out / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, predictor.provenance(retrieval), spatial=spatial)]
     wanted = list(genes or predictor.targets.heg[:6] or predictor.genes[:6])
     unknown = [g for g in wanted if g not in predictor.genes]
     if unknown:

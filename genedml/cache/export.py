@@ -1,4 +1,19 @@
-"""Export a feature cache to the TRIDENT/HEST `.h5` layout: `features`, `coords`, `barcodes` per sample."""
+"""Export a feature cache to `.h5` files that HEST's benchmark and TRIDENT read as their own.
+
+One `<sample>.h5` per sample with the pooled local vector of every spot and the top-left level-0 corner of
+its patch. Two layouts, named after the reader that consumes them:
+
+- ``trident`` (default; also CLAM and the slide encoders built on them): ``features`` (N, D) with attrs
+  ``name``, ``savetodir``, ``encoder``; ``coords`` (N, 2) int64 with attrs ``patch_size``,
+  ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``,
+  ``savetodir``, ``level0_width``, ``level0_height``; plus ``barcodes`` to join back to the spots.
+- ``hest`` (HEST-Benchmark's embedding files): ``embeddings`` (N, D), ``barcodes`` (N, 1) bytes,
+  ``coords`` (N, 2).
+
+Magnifications follow TRIDENT's own conversion (µm/px = 10 / magnification) and are written exactly, not
+rounded to 20x/40x, so ``patch_size · level0_magnification / target_magnification`` is the level-0 patch
+side. ``overlap`` is 0: spot patches are placed at spot centres, not on a tiling grid.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +23,16 @@ import h5py
 import numpy as np
 
 from genedml.cache.store import FeatureCache
+from genedml.errors import ConfigError
+
+LAYOUTS = ("trident", "hest")
+MICRONS_AT_1X = 10.0  # TRIDENT (WSIPatcher): pixel size in µm = 10 / magnification
 
 
-def export_h5(cache: FeatureCache, out_dir: str | Path, samples: list[str] | None = None) -> list[Path]:
-    """Write one `<sample>.h5` per sample with the pooled local features and top-left level-0 coords."""
+def export_h5(cache: FeatureCache, out_dir: str | Path, samples: list[str] | None = None, layout: str = "trident") -> list[Path]:
+    """Write one `<sample>.h5` per sample in `layout` (`trident` or `hest`); returns the paths."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -19,14 +40,55 @@ def export_h5(cache: FeatureCache, out_dir: str | Path, samples: list[str] | Non
         cached = cache.read(sample_id, names=["local", "barcodes", "centers"])
         fov = float(cached.attrs["fov_px"])
         coords = np.floor(cached.arrays["centers"] - fov / 2.0).astype(np.int64)  # top-left corners
+        features = np.asarray(cached.local[:, 0, :], dtype=np.float32)
+        barcodes = np.char.encode(cached.barcodes.astype(str), "utf-8")  # fixed-length bytes, as HEST's patch files
         path = out / f"{sample_id}.h5"
-        with h5py.File(path, "w") as fh:
-            fh.create_dataset("features", data=cached.local[:, 0, :].astype(np.float32))
-            ds = fh.create_dataset("coords", data=coords)
-            ds.attrs["patch_size_level0"] = int(round(fov))
-            ds.attrs["patch_size"] = int(cache.settings.get("patch_px", 224))
-            fh.create_dataset("barcodes", data=cached.barcodes.astype("S"))
-            fh.attrs["backbone"] = str(cache.settings.get("backbone"))
-            fh.attrs["weights"] = str(cache.settings.get("weights"))
+        tmp = path.with_suffix(".tmp.h5")
+        with h5py.File(tmp, "w") as fh:
+            if layout == "hest":
+                fh.create_dataset("embeddings", data=features)
+                fh.create_dataset("barcodes", data=barcodes.reshape(-1, 1))
+                fh.create_dataset("coords", data=coords)
+            else:
+                ds = fh.create_dataset("features", data=features)
+                ds.attrs.update({"name": sample_id, "savetodir": str(out), "encoder": str(cache.settings.get("backbone"))})
+                ds = fh.create_dataset("coords", data=coords)
+                ds.attrs.update(trident_coords_attrs(cache.settings, cached.attrs, sample_id, str(out)))
+                fh.create_dataset("barcodes", data=barcodes)
+            fh.attrs.update(_provenance(cache.settings, cached.attrs))
+        tmp.replace(path)
         written.append(path)
     return written
+
+
+def trident_coords_attrs(settings: dict, attrs: dict, sample_id: str, savetodir: str) -> dict:
+    """TRIDENT's `coords` attributes (trident/IO.py `coords_to_h5`) for spot patches of a cached sample."""
+    patch_px = int(settings.get("patch_px", 224))
+    mpp = float(attrs["mpp"])
+    fov = float(attrs["fov_px"])
+    target_mpp = fov * mpp / patch_px  # µm per pixel of the patch fed to the backbone
+    width, height = (attrs.get("image_size") or [0, 0])[:2]
+    return {
+        "patch_size": patch_px,
+        "patch_size_level0": int(round(fov)),
+        "level0_magnification": MICRONS_AT_1X / mpp,
+        "target_magnification": MICRONS_AT_1X / target_mpp,
+        "overlap": 0,
+        "name": sample_id,
+        "savetodir": savetodir,
+        "level0_width": int(width),
+        "level0_height": int(height),
+    }
+
+
+def _provenance(settings: dict, attrs: dict) -> dict:
+    """Root attributes: what made the features (never read by HEST or TRIDENT; for people)."""
+    weights = str(settings.get("weights"))
+    return {
+        "backbone": str(settings.get("backbone")),
+        "weights": weights,
+        "note": "random-init backbone: not a biology result" if weights == "random-init" else "",
+        "mpp": float(attrs["mpp"]),
+        "patch_um": float(attrs["fov_px"]) * float(attrs["mpp"]),
+        "coords": "top-left corner of each spot's patch, level-0 pixels (x = column, y = row)",
+    }
