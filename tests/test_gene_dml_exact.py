@@ -22,15 +22,21 @@ def _model(**kw) -> GeneDMLModel:
     return GeneDMLModel(settings, D, G).eval()
 
 
-def test_instance_embeddings_are_per_scale_means_of_the_fused_tokens() -> None:
-    """A 3-token toy input (one token per scale): t, n, gl must be the fused tokens, f their mean."""
-    model = _model()
-    b = 4
+def _toy_input(model: GeneDMLModel, b: int) -> tuple[dict[str, torch.Tensor], Batch]:
+    """One token per scale, fed to the fusion directly (the scale encoders are bypassed)."""
     tokens = {name: torch.randn(b, 1, E) for name in ("local", "neighbor", "global")}
     ones = torch.ones(b, 1, dtype=torch.bool)
     model.encode_scales = lambda batch: {k: (v, ones) for k, v in tokens.items()}  # type: ignore[method-assign]
     batch = Batch(local=torch.zeros(b, 1, D), neighbor=None, neighbor_mask=None, slide_tokens=[], slide_grid=[],
                   slot=torch.zeros(b, dtype=torch.long), slide_pos=torch.arange(b))
+    return tokens, batch
+
+
+def test_instance_embeddings_are_per_scale_means_of_the_fused_tokens() -> None:
+    """A 3-token toy input (one token per scale): t, n, gl must be the fused tokens, f their mean."""
+    model = _model()
+    b = 4
+    tokens, batch = _toy_input(model, b)
     out = model(batch)
     by_hand = model.fusion(torch.cat(list(tokens.values()), dim=1), torch.ones(b, 3, dtype=torch.bool))
     for i, name in enumerate(("local", "neighbor", "global")):
@@ -43,11 +49,7 @@ def test_instance_loss_trains_the_fusion_encoder() -> None:
     model = _model()
     model.train()
     b = 6
-    tokens = {name: torch.randn(b, 1, E) for name in ("local", "neighbor", "global")}
-    ones = torch.ones(b, 1, dtype=torch.bool)
-    model.encode_scales = lambda batch: {k: (v, ones) for k, v in tokens.items()}  # type: ignore[method-assign]
-    batch = Batch(local=torch.zeros(b, 1, D), neighbor=None, neighbor_mask=None, slide_tokens=[], slide_grid=[],
-                  slot=torch.zeros(b, dtype=torch.long), slide_pos=torch.arange(b))
+    _, batch = _toy_input(model, b)
     y = torch.randn(b, G)
     out = model(batch, y)
     instance_loss(list(out["emb"].values()), out["g"], 0.07).backward()

@@ -22,7 +22,7 @@ from genedml.data.formats import IMAGE_SUFFIXES, open_image
 from genedml.data.legacy_st import SELECTION_SUFFIX, infer_mpp, read_spot_table
 from genedml.data.reader import ReadOptions, reject_image
 from genedml.data.sample import Sample
-from genedml.data.samples_table import MPP_HINT, load_samples_table, resolve_mpp, resolve_patient, select_ids
+from genedml.data.samples_table import MPP_HINT, read_sections, resolve_mpp, resolve_patient
 from genedml.data.spots import check_not_empty, check_unique, join_counts
 from genedml.errors import InputError
 from genedml.log import log
@@ -45,11 +45,8 @@ def read_authors_layout(
 ) -> list[Sample]:
     """Read every (or the chosen) section of a Gene-DML/TRIPLEX data folder (e.g. ``data/her2st``)."""
     folder = Path(folder)
-    ids = authors_ids(folder)
-    if not ids:
-        raise InputError(f"{folder}: no {SPOTS}/*{SELECTION_SUFFIX} spot tables found (Gene-DML/TRIPLEX layout).")
-    table = load_samples_table(samples_table)
-    return [_read_section(folder, name, mpp, table) for name in select_ids(ids, samples, str(folder))]
+    return read_sections(folder, authors_ids(folder), samples, mpp, samples_table, _read_section,
+                         f"no {SPOTS}/*{SELECTION_SUFFIX} spot tables found (Gene-DML/TRIPLEX layout).")
 
 
 def find_image(folder: Path, name: str) -> tuple[Path, str | None]:

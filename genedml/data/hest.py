@@ -11,7 +11,7 @@ from genedml.data.anndata_reader import HEST_MPP_KEYS, read_h5ad, sample_from_an
 from genedml.data.formats import IMAGE_SUFFIXES, open_image
 from genedml.data.reader import ReadOptions, reject_image
 from genedml.data.sample import Sample
-from genedml.data.samples_table import load_samples_table, resolve_mpp, select_ids
+from genedml.data.samples_table import read_sections, resolve_mpp
 from genedml.errors import InputError
 
 WSI_SUFFIXES = IMAGE_SUFFIXES
@@ -32,11 +32,8 @@ def read_hest(
 ) -> list[Sample]:
     """Read every (or the chosen) sample of a HEST-1k style folder."""
     folder = Path(folder)
-    ids = hest_ids(folder)
-    if not ids:
-        raise InputError(f"{folder}: no st/<id>.h5ad files found (HEST-1k layout: st/, wsis/, metadata/).")
-    table = load_samples_table(samples_table)
-    return [_read_one(folder, sid, mpp, table) for sid in select_ids(ids, samples, str(folder))]
+    return read_sections(folder, hest_ids(folder), samples, mpp, samples_table, _read_one,
+                         "no st/<id>.h5ad files found (HEST-1k layout: st/, wsis/, metadata/).")
 
 
 def read_metadata(folder: Path, sample_id: str) -> dict:

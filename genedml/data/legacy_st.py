@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from genedml.data.formats import open_image
 from genedml.data.reader import ReadOptions, reject_image
 from genedml.data.sample import Sample
-from genedml.data.samples_table import MPP_HINT, load_samples_table, resolve_mpp, resolve_patient, select_ids
+from genedml.data.samples_table import MPP_HINT, read_sections, resolve_mpp, resolve_patient
 from genedml.data.spots import check_not_empty, check_unique, join_counts
 from genedml.errors import InputError
 from genedml.log import log
@@ -39,11 +39,8 @@ def read_legacy_st(
 ) -> list[Sample]:
     """Read every (or the chosen) section of a her2st-style folder."""
     folder = Path(folder)
-    ids = legacy_st_ids(folder)
-    if not ids:
-        raise InputError(f"{folder}: no '*{SELECTION_SUFFIX}' spot tables found (legacy ST layout).")
-    table = load_samples_table(samples_table)
-    return [_read_section(folder, sid, mpp, table) for sid in select_ids(ids, samples, str(folder))]
+    return read_sections(folder, legacy_st_ids(folder), samples, mpp, samples_table, _read_section,
+                         f"no '*{SELECTION_SUFFIX}' spot tables found (legacy ST layout).")
 
 
 def _find(folder: Path, sample_id: str, suffixes: tuple[str, ...], what: str) -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +123,22 @@ def _check_positive(value: object, what: str) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise InputError(f"{what} must be a positive number (µm per level-0 pixel), got {value!r}. {MPP_HINT}")
+
+
+def read_sections(
+    folder: Path,
+    ids: list[str],
+    samples: Iterable[str] | str | None,
+    mpp: float | None,
+    samples_table: object,
+    read_one: Callable[[Path, str, float | None, SamplesTable], Any],
+    missing: str,
+) -> list[Any]:
+    """The chosen sections of a multi-sample folder, each read by `read_one(folder, id, mpp, table)`.
+
+    `missing` is the error text when the folder holds no section at all.
+    """
+    if not ids:
+        raise InputError(f"{folder}: {missing}")
+    table = load_samples_table(samples_table)
+    return [read_one(folder, sample_id, mpp, table) for sample_id in select_ids(ids, samples, str(folder))]
