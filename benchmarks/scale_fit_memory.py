@@ -84,8 +84,7 @@ def main() -> None:
     monitor.stage = "start"
     baseline = monitor.rss()
     monitor.wrap(genedml.data, "read_samples", "read counts (h5ad)", log)
-    monitor.wrap(spots, "read_slides", "read cached slides", log)
-    monitor.wrap(spots, "assemble", "concatenate slides", log)
+    monitor.wrap(spots, "load_spot_features", "read cached slides into the assembled arrays", log)
     monitor.wrap(fit, "write_bank", "reference bank", log)
     first_batches = training.batch_order
 

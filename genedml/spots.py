@@ -1,7 +1,9 @@
 """Spots of cached samples as the heads' `SpotFeatures`: the bridge between the cache and the heads.
 
-Reads each sample through `genedml.cache.schema.decode_sample` and concatenates slides without changing
-dtype or expanding the neighbour tiles (see `genedml.heads.features`).
+Every sample is decoded by `genedml.cache.schema.decode_sample` and copied into arrays allocated once for
+all samples, in the cache's dtype and without expanding the neighbour tiles (see `genedml.heads.features`):
+memory peaks at the assembled features plus one sample, not twice the features. With dihedral views,
+`local` is a view of view 0 of `local_aug` (the cache stores both; only the views are read).
 """
 
 from __future__ import annotations
@@ -10,52 +12,84 @@ from typing import Sequence
 
 import numpy as np
 
-from genedml.cache.schema import ARRAYS, LOCAL_AUG, SlideFeatures, decode_sample
+from genedml.cache.schema import (
+    ARRAYS, LATTICE, LOCAL, LOCAL_AUG, NEIGHBOR, NEIGHBOR_INDEX, NEIGHBOR_TILES, SlideFeatures, decode_sample,
+)
 from genedml.cache.store import FeatureCache
 from genedml.errors import InputError
 from genedml.heads.features import SpotFeatures
 
 
-def read_slides(cache: FeatureCache, sample_ids: Sequence[str], *, with_aug: bool = True) -> list[SlideFeatures]:
-    """The compact in-memory features of each sample, in the order given."""
-    slides = []
-    for sample_id in sample_ids:
-        names = None if with_aug else [name for name in ARRAYS if name != LOCAL_AUG]  # skip the 8x-larger views
-        cached = cache.read(sample_id, names=names)
-        slides.append(decode_sample(sample_id, cached.arrays, cached.attrs, with_aug=with_aug))
-    return slides
-
-
-def assemble(slides: Sequence[SlideFeatures]) -> SpotFeatures:
-    """One `SpotFeatures` over all spots of `slides` (tile indices offset into one shared table)."""
-    if not slides:
-        raise InputError("no samples to assemble features from")
-    has_aug = all(s.local_aug is not None for s in slides)
-    has_nb = all(s.tiles is not None for s in slides)
-    weights = {None if s.token_weights is None else tuple(s.token_weights.tolist()) for s in slides}
-    if len(weights) > 1:
-        raise InputError("the samples were cached with different local-token layouts; use one cache per layout")
-    index_parts, offset = [], 0
-    if has_nb:
-        for s in slides:
-            index_parts.append(s.neighbor_index + offset)
-            offset += len(s.tiles)
-    cat = np.concatenate
-    token_weights = weights.pop()
-    return SpotFeatures(
-        local=cat([s.local for s in slides]),
-        slide=cat([np.full(len(s), i, dtype=np.int64) for i, s in enumerate(slides)]),
-        grid=cat([s.grid for s in slides]),
-        sample_ids=[s.sample_id for s in slides],
-        barcodes=cat([s.barcodes for s in slides]),
-        local_aug=cat([s.local_aug for s in slides]) if has_aug else None,
-        tiles=cat([s.tiles for s in slides]) if has_nb else None,
-        neighbor_index=cat(index_parts) if has_nb else None,
-        neighbor_mask=cat([s.neighbor_mask for s in slides]) if has_nb else None,
-        token_weights=None if token_weights is None else np.asarray(token_weights, dtype=np.float32),
-    )
+def read_slide(cache: FeatureCache, sample_id: str, *, with_aug: bool = True) -> SlideFeatures:
+    """The compact in-memory features of one sample."""
+    skip = {LOCAL} if with_aug else {LOCAL_AUG}  # with views, `local` is view 0 of them
+    cached = cache.read(sample_id, names=[name for name in ARRAYS if name not in skip])
+    arrays = dict(cached.arrays)
+    if with_aug and LOCAL_AUG in arrays:
+        arrays[LOCAL] = arrays[LOCAL_AUG][:, 0]
+    elif LOCAL not in arrays:  # asked for views, but the sample has none
+        arrays = dict(cache.read(sample_id, names=[name for name in ARRAYS if name != LOCAL_AUG]).arrays)
+    return decode_sample(sample_id, arrays, cached.attrs, with_aug=with_aug)
 
 
 def load_spot_features(cache: FeatureCache, sample_ids: Sequence[str], *, with_aug: bool = True) -> SpotFeatures:
-    """All spots of `sample_ids` (whole slides, in cache order) as compact `SpotFeatures`."""
-    return assemble(read_slides(cache, sample_ids, with_aug=with_aug))
+    """All spots of `sample_ids` (whole slides, in the order given) as compact `SpotFeatures`."""
+    if not sample_ids:
+        raise InputError("no samples to assemble features from")
+    shapes = {s: cache.array_shapes(s) for s in sample_ids}
+    n_spots = [shapes[s][LOCAL][0][0] for s in sample_ids]
+    n_tiles = [_tiles_in(shapes[s]) for s in sample_ids]
+    first = shapes[sample_ids[0]]
+    has_aug = with_aug and all(LOCAL_AUG in shapes[s] for s in sample_ids)
+    has_nb = all(t is not None for t in n_tiles)
+    total, (_, tokens, dim) = sum(n_spots), first[LOCAL][0]
+    dtype = first[LOCAL][1]
+    out = {
+        "local_aug": np.empty((total, 8, tokens, dim), dtype) if has_aug else None,
+        "tiles": np.empty((sum(n_tiles), dim), dtype) if has_nb else None,
+        "neighbor_index": np.empty((total, NEIGHBOR_TILES), np.int32) if has_nb else None,
+        "neighbor_mask": np.empty((total, NEIGHBOR_TILES), bool) if has_nb else None,
+    }
+    local = out["local_aug"][:, 0] if has_aug else np.empty((total, tokens, dim), dtype)
+    grid = np.empty((total, 2), np.int64)
+    barcodes, weights = [], set()
+    row = tile = 0
+    for sample_id, n, m in zip(sample_ids, n_spots, n_tiles):
+        slide = read_slide(cache, sample_id, with_aug=has_aug)
+        if slide.local.shape[1:] != (tokens, dim):
+            raise InputError(f"sample {sample_id!r} has local tokens {slide.local.shape[1:]}, the first sample "
+                             f"{(tokens, dim)}: use one cache per local-token layout")
+        rows = slice(row, row + n)
+        if has_aug:
+            out["local_aug"][rows] = slide.local_aug
+        else:
+            local[rows] = slide.local
+        if has_nb:
+            out["tiles"][tile : tile + m] = slide.tiles
+            out["neighbor_index"][rows] = slide.neighbor_index + tile
+            out["neighbor_mask"][rows] = slide.neighbor_mask
+        grid[rows] = slide.grid
+        barcodes.append(slide.barcodes)
+        weights.add(None if slide.token_weights is None else tuple(slide.token_weights.tolist()))
+        row, tile = row + n, tile + (m or 0)
+    if len(weights) > 1:
+        raise InputError("the samples were cached with different local-token layouts; use one cache per layout")
+    token_weights = weights.pop()
+    return SpotFeatures(
+        local=local,
+        slide=np.repeat(np.arange(len(sample_ids), dtype=np.int64), n_spots),
+        grid=grid,
+        sample_ids=list(sample_ids),
+        barcodes=np.concatenate(barcodes),
+        token_weights=None if token_weights is None else np.asarray(token_weights, dtype=np.float32),
+        **out,
+    )
+
+
+def _tiles_in(shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int | None:
+    """Rows of the tile table a sample contributes (None without the neighbour scale)."""
+    if NEIGHBOR in shapes:
+        return shapes[NEIGHBOR][0][0] * NEIGHBOR_TILES
+    if LATTICE in shapes and NEIGHBOR_INDEX in shapes:
+        return shapes[LATTICE][0][0]
+    return None

@@ -95,19 +95,6 @@ class CachedSample:
     def local(self) -> np.ndarray:
         return self.arrays["local"]
 
-    def neighbor(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(N, 25, D) neighbour features and (N, 25) validity mask, gathered from the lattice if needed."""
-        if "neighbor" in self.arrays:
-            return self.arrays["neighbor"], self.arrays["neighbor_mask"].astype(bool)
-        if "lattice" in self.arrays:
-            index = self.arrays["neighbor_index"]
-            mask = self.arrays["neighbor_mask"].astype(bool)
-            lattice = self.arrays["lattice"]
-            feats = lattice[np.clip(index, 0, None)]
-            feats[~mask] = 0
-            return feats, mask
-        return None
-
 
 class SampleWriter:
     """Writes the arrays of one sample into its staging group; `FeatureCache.writing` commits it."""
@@ -225,6 +212,13 @@ class FeatureCache:
     def sample_attrs(self, sample_id: str) -> dict[str, Any]:
         self._require(sample_id)
         return dict(zarr.open_group(str(self.sample_dir(sample_id)), mode="r").attrs)
+
+    def array_shapes(self, sample_id: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every array of a complete sample, from its metadata (no chunk is read)."""
+        self._require(sample_id)
+        group = zarr.open_group(str(self.sample_dir(sample_id)), mode="r")
+        return {key: (tuple(group[key].shape), np.dtype(group[key].dtype)) for key in group.array_keys()
+                if np.dtype(group[key].dtype).kind != "T"}
 
     def read(self, sample_id: str, names: list[str] | None = None) -> CachedSample:
         """Load a complete sample (all arrays, or only `names`); a lost or damaged chunk is an error."""
