@@ -261,7 +261,8 @@ def cache_verify(
 def fit(
     cache: Path = typer.Option(..., "--cache", help="Feature cache made by `genedml extract`."),
     data: Path = typer.Option(..., "--data", help="The dataset the cache was made from (for expression targets)."),
-    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write (whole or not at all)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model at --out (kept intact until the new one is complete)."),
     model: str = typer.Option("genedml", help="genedml | triplex | bleep | ridge | ridge-cv."),
     train_samples: Optional[str] = typer.Option(None, help="Comma-separated training sample ids (default: all not in validation)."),
     val_samples: Optional[str] = typer.Option(None, help="Comma-separated validation sample ids."),
@@ -294,6 +295,7 @@ def fit(
 ) -> None:
     """Train a head on cached features only (never opens an image) and write a model directory."""
     from genedml.fit import FitSettings, fit_model
+    from genedml.model_dir import check_model_out
 
     generic = {
         "scales": tuple(_csv(scales) or ()), "instance": not no_instance, "group": not no_group, "groups": groups,
@@ -306,7 +308,8 @@ def fit(
         seed=seed, expect_backbone=expect_backbone, index=index,
         head=_head_settings(model, generic, _key_values(head_option)),
     )
-    result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True)
+    check_model_out(out, overwrite)
+    result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True, overwrite=overwrite)
     console.print(result.summary_line())
 
 

@@ -139,7 +139,7 @@ def run_cv(data: str | Path, cache_dir: str | Path, out: str | Path, settings: C
                         head=variant_settings(variant, settings, seed),
                     )
                     t0 = time.perf_counter()
-                    fit_model(cache, None, model_dir, fs, samples=by_id)
+                    fit_model(cache, None, model_dir, fs, samples=by_id, overwrite=True)  # cv's own output
                     fit_seconds = time.perf_counter() - t0
                     fitted[key] = model_dir
                 metrics = evaluate_fold(model_dir, cache, fold["test"], by_id, variant.retrieval)

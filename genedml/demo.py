@@ -72,7 +72,7 @@ def run_demo(
         # A CPU-sized Gene-DML (width 128 instead of the paper's 512) so the demo runs in minutes.
         head = {"epochs": epochs, "patience": max(10, epochs // 3), "batch_size": 32, "lr": 1e-3, "dim": 128, "groups": 8} if model == "genedml" else {}
         fs = FitSettings(model=model, genes=n_genes, train_samples=train, val_samples=[val], head=head)
-        result = fit_model(cache, data, out / f"model_{model}", fs, read_kwargs=read_kwargs)
+        result = fit_model(cache, data, out / f"model_{model}", fs, read_kwargs=read_kwargs, overwrite=True)  # the demo's own output
         models[model] = result
     runs = [("genedml (regression)", "genedml", None), ("genedml + retrieval (k=20)", "genedml", RetrievalSettings(k=20)), ("ridge (HEST probe)", "ridge", None)]
     for label, model, retrieval in runs:

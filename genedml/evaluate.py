@@ -11,7 +11,7 @@ import numpy as np
 
 from genedml.errors import InputError
 from genedml.metrics import evaluate_predictions
-from genedml.model_dir import read_targets
+from genedml.model_dir import open_model_dir, read_targets
 from genedml.targets import TargetSpec, targets_at
 
 N_MAPPED_GENES = 4
@@ -42,7 +42,9 @@ def evaluate_dir(
     files = _prediction_files(Path(pred))
     adatas = [ad.read_h5ad(f) for f in files]
     provenance = dict(adatas[0].uns.get("genedml", {}))
-    model_dir = Path(model_dir or provenance.get("model_dir", ""))
+    if not (model_dir or provenance.get("model_dir")):
+        raise InputError(f"{files[0]} does not record the model directory it came from; pass --model MODEL_DIR.")
+    model_dir, _ = open_model_dir(model_dir or provenance["model_dir"])
     spec = read_targets(model_dir)
     ids = [str(a.obs["sample_id"].iloc[0]) for a in adatas]
     samples = {s.sample_id: s for s in read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})}

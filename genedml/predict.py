@@ -16,7 +16,7 @@ from genedml.cache.store import FeatureCache, settings_diff
 from genedml.errors import CacheMismatchError, ModelDirError
 from genedml.heads.features import SpotFeatures
 from genedml.output import write_prediction
-from genedml.model_dir import BANK_DIR, HEAD_DIR, PROTOTYPES, Prototypes, read_config, read_targets
+from genedml.model_dir import BANK_DIR, HEAD_DIR, PROTOTYPES, Prototypes, manifest_id, open_model_dir, read_config, read_targets
 from genedml.log import log
 
 
@@ -38,19 +38,29 @@ class RetrievalSettings:
 
 
 class Predictor:
-    """A loaded model directory: head, target spec, and (when present) reference bank, index, prototypes."""
+    """A loaded model directory: head, target spec, and (when present) reference bank, index, prototypes.
+
+    The directory's files are checked against its manifest first, and the manifest id again after each
+    load, so a model replaced by `fit --overwrite` while it is read is refused rather than mixed.
+    """
 
     def __init__(self, model_dir: str | Path) -> None:
         from genedml.heads import load_head
 
-        self.model_dir = Path(model_dir)
-        self.config = read_config(model_dir)
-        self.targets = read_targets(model_dir)
+        self.model_dir, manifest = open_model_dir(model_dir)
+        self.manifest_id = None if manifest is None else str(manifest["id"])
+        self.config = read_config(self.model_dir)
+        self.targets = read_targets(self.model_dir)
         self.head = load_head(self.model_dir / HEAD_DIR)
         self.genes = list(self.config["genes"])
         self._bank: Any = None
         self._index: Any = None
         self._prototypes: Prototypes | None = None
+        self._check_unchanged()
+
+    def _check_unchanged(self) -> None:
+        if self.manifest_id is not None and manifest_id(self.model_dir) != self.manifest_id:
+            raise ModelDirError(f"{self.model_dir} was replaced (genedml fit --overwrite) while it was being read; run again.")
 
     @property
     def has_bank(self) -> bool:
@@ -65,11 +75,13 @@ class Predictor:
                 raise ModelDirError(f"--retrieve-k needs a reference bank: {reason}. Use --model genedml or bleep.")
             self._bank = ReferenceBank.load(self.model_dir / BANK_DIR)
             self._index = load_index(self.model_dir / BANK_DIR / "index.faiss")
+            self._check_unchanged()
         return self._bank, self._index
 
     def prototypes(self) -> Prototypes | None:
         if self._prototypes is None and (self.model_dir / PROTOTYPES).is_file():
             self._prototypes = Prototypes.load(self.model_dir / PROTOTYPES)
+            self._check_unchanged()
         return self._prototypes
 
     def check_cache(self, cache: FeatureCache) -> None:
