@@ -94,7 +94,7 @@ def variants(settings: CVSettings) -> list[Variant]:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
         label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)"}.get(ablation, f"genedml −{ablation}")
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
-    if settings.retrieve_k:
+    if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)
         rows += [Variant(f"{m} + retrieval (k={r.k}, blend={r.blend:g})", m, (), r) for m in settings.models if m == "genedml"]
     return rows

@@ -42,7 +42,13 @@ def run_demo(
     from genedml.fit import FitSettings, fit_model
     from genedml.predict import RetrievalSettings, predict_cache
 
+    from genedml.heads.registry import head_settings
+
     start = time.perf_counter()
+    # A CPU-sized Gene-DML (width 128 instead of the paper's 512) so the demo runs in minutes.
+    heads = {"genedml": {"epochs": epochs, "patience": max(10, epochs // 3), "batch_size": 32, "lr": 1e-3, "dim": 128, "groups": 8}, "ridge": {}}
+    for model, head in heads.items():
+        head_settings(model, head)  # bad values (e.g. --epochs 0) fail before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -61,6 +67,8 @@ def run_demo(
         raise InputError(f"The demo needs at least 3 samples (train, validation, test); {data} has {ids}.")
     test, val, train = ids[-1], ids[-2], ids[:-2]
 
+    fit_settings = {model: FitSettings(model=model, genes=n_genes, train_samples=train, val_samples=[val], head=head) for model, head in heads.items()}
+
     cache = out / "cache"
     summary = run_extraction_distributed(
         Path(data), backbone=backbone, weights=None, random_init=True, allow_download=False, cache_dir=cache,
@@ -68,10 +76,7 @@ def run_demo(
     )
     rows: list[tuple[str, dict[str, Any]]] = []
     models = {}
-    for model in ("genedml", "ridge"):
-        # A CPU-sized Gene-DML (width 128 instead of the paper's 512) so the demo runs in minutes.
-        head = {"epochs": epochs, "patience": max(10, epochs // 3), "batch_size": 32, "lr": 1e-3, "dim": 128, "groups": 8} if model == "genedml" else {}
-        fs = FitSettings(model=model, genes=n_genes, train_samples=train, val_samples=[val], head=head)
+    for model, fs in fit_settings.items():
         result = fit_model(cache, data, out / f"model_{model}", fs, read_kwargs=read_kwargs, overwrite=True)  # the demo's own output
         models[model] = result
     runs = [("genedml (regression)", "genedml", None), ("genedml + retrieval (k=20)", "genedml", RetrievalSettings(k=20)), ("ridge (HEST probe)", "ridge", None)]

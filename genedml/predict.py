@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache, settings_diff
-from genedml.errors import CacheMismatchError, ModelDirError
+from genedml.errors import CacheMismatchError, ConfigError, ModelDirError
 from genedml.heads.features import SpotFeatures
 from genedml.output import write_prediction
 from genedml.model_dir import BANK_DIR, HEAD_DIR, PROTOTYPES, Prototypes, manifest_id, open_model_dir, read_config, read_targets
@@ -29,12 +29,14 @@ class RetrievalSettings:
     blend: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ModelDirError(f"--retrieve-k must be >= 1, got {self.k}.")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"--retrieve-k must be an integer >= 1 (the number of reference spots), got {self.k!r}.")
         if not 0.0 <= self.blend <= 1.0:
-            raise ModelDirError(f"--blend must be in [0, 1], got {self.blend}.")
+            raise ConfigError(f"--blend must be in [0, 1], got {self.blend}.")
         if self.weighting not in ("uniform", "softmax", "inverse-l1"):
-            raise ModelDirError(f"--weighting must be uniform, softmax or inverse-l1, got {self.weighting!r}.")
+            raise ConfigError(f"--weighting must be uniform, softmax or inverse-l1, got {self.weighting!r}.")
+        if not self.tau > 0:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}.")
 
 
 class Predictor:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -225,7 +224,7 @@ def build_index(embeddings: np.ndarray, kind: Literal["flat", "ivf"] = "flat", n
         # ~4 sqrt(M) lists, but at least 39 points per list (fewer makes faiss' k-means warn and degrade).
         nlist = nlist or max(1, min(round(4 * math.sqrt(m)), m // 39))
         if nlist > m:
-            warnings.warn(f"nlist={nlist} exceeds the bank size {m}; using nlist={m}.", stacklevel=2)
+            logger.warning("nlist=%d exceeds the bank size %d; using nlist=%d", nlist, m, m)
             nlist = m
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -279,8 +278,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         raise GenedmlError(f"k={k} exceeds the {_GPU_MAX_K} neighbours a faiss GPU index can return; "
                            "use a smaller k or a CPU index (use_gpu=False).")
     if k > index.ntotal:
-        warnings.warn(f"k={k} exceeds the reference bank size {index.ntotal}; using k={index.ntotal}.",
-                      stacklevel=2)
+        logger.warning("k=%d exceeds the reference bank size %d; using k=%d", k, index.ntotal, index.ntotal)
         k = int(index.ntotal)
     similarity, neighbor_idx = index.search(l2_normalise(q), int(k))
     return similarity.astype(np.float32, copy=False), neighbor_idx.astype(np.int64, copy=False)
