@@ -21,6 +21,7 @@ from genedml.heads.features import SpotFeatures
 from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, check_model_out, fit_prototypes, staged_model_dir
 from genedml.metrics import mean_gene_pcc
 from genedml.targets import TargetSpec, fit_targets, targets_at
+from genedml.threads import threads_for_head, torch_threads
 from genedml.log import log
 
 
@@ -234,14 +235,24 @@ def spot_pitch_um(cache: FeatureCache, sample_ids: Sequence[str]) -> float:
     return round(float(np.median(pitches)), 3) if pitches else 100.0
 
 
+def head_width(settings: Any) -> int | None:
+    """The hidden width of a neural head (what sizes its matrix products), None for closed-form heads."""
+    for name in ("dim", "proj_dim"):
+        value = getattr(settings, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _fit_head(head: Any, train: SpotFeatures, y_train: np.ndarray, val: SpotFeatures | None, y_val: np.ndarray | None, progress: bool) -> dict[str, Any]:
     epochs = int(getattr(head.settings, "epochs", 0) or 0)
-    if progress and epochs:
-        from genedml.progress import EpochProgress
+    with torch_threads(threads_for_head(head_width(head.settings), len(train)) if epochs else None):
+        if progress and epochs:
+            from genedml.progress import EpochProgress
 
-        with EpochProgress(epochs, f"fit {head.name}") as bar:
-            return head.fit(train, y_train, val, y_val, progress=bar).history_
-    return head.fit(train, y_train, val, y_val).history_
+            with EpochProgress(epochs, f"fit {head.name}") as bar:
+                return head.fit(train, y_train, val, y_val, progress=bar).history_
+        return head.fit(train, y_train, val, y_val).history_
 
 
 def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, spec: TargetSpec, settings: FitSettings) -> dict[str, Any]:
