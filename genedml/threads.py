@@ -1,4 +1,4 @@
-"""How many CPU threads torch uses for a piece of work.
+"""How many CPU threads torch (and the BLAS/OpenMP pools under numpy) use for a piece of work.
 
 Small heads (width ≤ SMALL_WIDTH, or few training spots) run many tiny matrix products: a second intra-op
 thread gains little on a quiet machine and loses a lot on a busy one, where each product waits for a thread
@@ -56,7 +56,11 @@ def threads_for_small_work() -> int | None:
 
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` intra-op threads (None: leave as is), then restore the previous count."""
+    """Run the block with `n` threads (None: leave as is), then restore the previous counts.
+
+    Sets torch's intra-op threads and, through threadpoolctl (a scikit-learn dependency), the BLAS and
+    OpenMP pools of numpy, scipy, scikit-learn and faiss, which spin-wait the same way.
+    """
     import torch
 
     if n is None:
@@ -64,11 +68,20 @@ def torch_threads(n: int | None) -> Iterator[None]:
         return
     before = torch.get_num_threads()
     if n != before:
-        log.debug("torch threads: %d (was %d) for a small head", n, before)
+        log.debug("threads: %d (torch had %d) for small work", n, before)
         torch.set_num_threads(n)
     try:
-        yield
+        with _native_pools(n):
+            yield
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def _native_pools(n: int) -> contextlib.AbstractContextManager:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n)
 

@@ -52,3 +52,11 @@ def test_fit_of_a_small_head_runs_on_one_thread_and_restores_the_count(default_t
 
     fit._fit_head(Head(), [0] * 50, None, None, None, progress=False)
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_small_work_also_limits_the_blas_and_openmp_pools(default_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threads.torch_threads(threads.threads_for_small_work()):
+        assert torch.get_num_threads() == 1
+        assert {p["num_threads"] for p in threadpoolctl.threadpool_info()} == {1}
+    assert torch.get_num_threads() == 2
