@@ -133,7 +133,6 @@ def data_inspect(
     from genedml.data import inspect_samples
 
     _check_mpp(mpp, allow_unusual_mpp)
-
     rows = inspect_samples(path, mpp=mpp, samples_table=samples_table, image=image)
     for row in rows:
         img = row.get("image") or {}
@@ -437,12 +436,13 @@ def cv(
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
+    allow_unusual_mpp: bool = UnusualMppOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Leave-one-group-out cross-validation of one or more heads on the same cache and folds."""
     from genedml.cv import CVSettings, run_cv
 
-    _check_mpp(mpp, False)
+    _check_mpp(mpp, allow_unusual_mpp)
     _existing_cache(cache)
     _out_dir(out)
 

@@ -30,7 +30,7 @@ def read_prediction(path: Path) -> Any:
 
     try:
         adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise OSError, KeyError, ValueError... for damaged files
+    except Exception as exc:  # noqa: BLE001 — h5py/anndata raise OSError, KeyError, ValueError... for damaged files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read prediction file {path} ({reason}); is it truncated? Run `genedml predict` again.") from None
     if "sample_id" not in adata.obs or adata.n_obs == 0 or "spatial" not in adata.obsm:

@@ -42,7 +42,7 @@ def test_fit_of_a_small_head_runs_on_one_thread_and_restores_the_count(default_t
     class Head:
         name = "genedml"
 
-        class settings:  # noqa: N801 - a stand-in for the settings dataclass
+        class settings:  # a stand-in for the head's settings dataclass
             dim, epochs = 64, 1
 
         def fit(self, *args, **kwargs):

@@ -139,7 +139,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             loaded = load_file(str(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch/safetensors raise many types (UnpicklingError, RuntimeError, KeyError...) on bad files
+    except Exception as err:  # noqa: BLE001 — torch/safetensors raise many types (UnpicklingError, RuntimeError, KeyError...) on bad files
         raise InputError(f"cannot read weights file {path} ({kind}): {torch_error_summary(err)}") from None
     return strip_prefixes(_unwrap(loaded, path))
 
