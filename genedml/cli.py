@@ -6,6 +6,7 @@ Any flag of `fit`, `cv`, `extract`, `predict` may also come from a TOML file giv
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import genedml
-from genedml.errors import GenedmlError
+from genedml.errors import ConfigError, GenedmlError
 from genedml.progress import console, setup_logging
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ ConfigOpt = typer.Option(None, "--config", help="TOML file with default values f
 MppOpt = typer.Option(None, help="µm per level-0 pixel for all samples (overrides what the files say).")
 SamplesTableOpt = typer.Option(None, help="CSV sample_id,patient_id[,mpp] (default: DATA/samples.csv when present).")
 ImageOpt = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs).")
+UnusualMppOpt = typer.Option(False, "--allow-unusual-mpp", help="Accept µm/px outside 0.05–20 (checked before any work).")
 
 
 def _version(value: bool) -> None:
@@ -90,6 +92,25 @@ def _head_settings(model: str, generic: dict[str, Any], options: dict[str, Any])
     return head_settings(model, options, shared=generic)
 
 
+def _check_mpp(mpp: Optional[float], allow_unusual: bool, flag: str = "--mpp") -> None:
+    from genedml.extract.geometry import check_mpp
+
+    check_mpp(mpp, "", allow_unusual=allow_unusual, source=flag)
+
+
+def _out_dir(path: Path, flag: str = "--out") -> None:
+    """An output folder path must not be an existing file (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder path (it is created if missing).")
+
+
+def _existing_cache(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--cache {path} is a file, not a feature cache folder (made by `genedml extract`).")
+    if not path.exists():
+        raise ConfigError(f"--cache {path} does not exist; make it with `genedml extract DATA --cache {path}`.")
+
+
 def _table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for key in rows[0] if rows else []:
@@ -106,10 +127,12 @@ def data_inspect(
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
     image: Optional[Path] = ImageOpt,
+    allow_unusual_mpp: bool = UnusualMppOpt,
 ) -> None:
     """Print one row per sample found: id, spots, genes, mpp, patient, format."""
     from genedml.data import inspect_samples
 
+    _check_mpp(mpp, allow_unusual_mpp)
     rows = inspect_samples(path, mpp=mpp, samples_table=samples_table, image=image)
     for row in rows:
         img = row.get("image") or {}
@@ -167,11 +190,14 @@ def extract(
     samples_table: Optional[Path] = SamplesTableOpt,
     image: Optional[Path] = ImageOpt,
     allow_download: bool = typer.Option(False, help="Allow fetching weights from the Hugging Face hub."),
+    allow_unusual_mpp: bool = UnusualMppOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Encode every spot of DATA with a frozen backbone into the feature cache (resumable)."""
     from genedml.extract.distributed import run_extraction_distributed
 
+    _check_mpp(mpp, allow_unusual_mpp)
+    _check_mpp(mpp_target, allow_unusual_mpp, "--mpp-target")
     settings = _extract_settings(patch_px, mpp_target, scales, neighbor_mode, local_tokens, augment, dtype, batch_size, workers, device)
     summary = run_extraction_distributed(
         data,
@@ -184,6 +210,7 @@ def extract(
         samples=_csv(samples),
         read_kwargs=dict(mpp=mpp, samples_table=samples_table, image=image),
         overwrite=overwrite,
+        allow_unusual_mpp=allow_unusual_mpp,
     )
     if summary is not None:
         console.print(
@@ -224,6 +251,8 @@ def export_h5_cmd(
     """Export pooled local features as .h5 files that TRIDENT (--layout trident) or HEST's benchmark (--layout hest) read."""
     from genedml.cache import FeatureCache, export_h5
 
+    _existing_cache(cache)
+    _out_dir(out_dir, "OUT_DIR")
     paths = export_h5(FeatureCache(cache), out_dir, _csv(samples), layout=layout)
     console.print(f"export-h5: wrote {len(paths)} {layout}-layout files to {out_dir}")
 
@@ -262,7 +291,8 @@ def cache_verify(
 def fit(
     cache: Path = typer.Option(..., "--cache", help="Feature cache made by `genedml extract`."),
     data: Path = typer.Option(..., "--data", help="The dataset the cache was made from (for expression targets)."),
-    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write (whole or not at all)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model at --out (kept intact until the new one is complete)."),
     model: str = typer.Option("genedml", help="genedml | triplex | bleep | ridge | ridge-cv."),
     train_samples: Optional[str] = typer.Option(None, help="Comma-separated training sample ids (default: all not in validation)."),
     val_samples: Optional[str] = typer.Option(None, help="Comma-separated validation sample ids."),
@@ -291,10 +321,14 @@ def fit(
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE, e.g. dim=128 or neighbor_depth=2 (repeatable)."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
+    allow_unusual_mpp: bool = UnusualMppOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Train a head on cached features only (never opens an image) and write a model directory."""
     from genedml.fit import FitSettings, fit_model
+    from genedml.model_dir import check_model_out
+
+    _check_mpp(mpp, allow_unusual_mpp)
 
     generic = {
         "scales": tuple(_csv(scales) or ()), "instance": not no_instance, "group": not no_group, "groups": groups,
@@ -307,7 +341,9 @@ def fit(
         seed=seed, expect_backbone=expect_backbone, index=index,
         head=_head_settings(model, generic, _key_values(head_option)),
     )
-    result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True)
+    check_model_out(out, overwrite)
+    _existing_cache(cache)
+    result = fit_model(cache, data, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), progress=True, overwrite=overwrite)
     console.print(result.summary_line())
 
 
@@ -328,18 +364,30 @@ def predict(
     genes: Optional[str] = typer.Option(None, help="Genes to map for --slide (default: the 6 most highly expressed)."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights for --slide (must match the model's hash)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    allow_unusual_mpp: bool = UnusualMppOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Predict expression for cached samples (or a new slide) by regression and/or retrieval."""
     from genedml.predict import Predictor, RetrievalSettings, predict_cache
     from genedml.slide import predict_slide
 
-    retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k else None
+    retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k is not None else None
+    _out_dir(out)
     if slide is not None:
-        paths = predict_slide(Predictor(model_dir), slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval, weights=weights, device=device)
+        if cache is not None or samples is not None:
+            raise ConfigError("predict --slide reads features from the slide itself: drop --cache/--samples (or drop --slide to predict cached samples).")
+        if not slide.is_file():
+            raise ConfigError(f"--slide {slide} is not a file (an H&E image: .tif/.svs/.jpg/.png...).")
+        _check_mpp(mpp, allow_unusual_mpp)
+        paths = predict_slide(Predictor(model_dir), slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval,
+                              weights=weights, device=device, allow_unusual_mpp=allow_unusual_mpp)
     else:
+        only_slide = [flag for flag, value in (("--mpp", mpp), ("--pitch-um", pitch_um), ("--genes", genes), ("--weights", weights)) if value is not None]
+        if only_slide:
+            raise ConfigError(f"{', '.join(only_slide)} apply only to predict --slide; cached samples keep the settings they were extracted with.")
         if cache is None:
-            raise GenedmlError("predict needs --cache (cached samples) or --slide (a new image).")
+            raise ConfigError("predict needs --cache (cached samples) or --slide (a new image).")
+        _existing_cache(cache)
         paths = predict_cache(model_dir, cache, out, samples=_csv(samples), retrieval=retrieval)
     for path in paths:
         console.print(f"predict: wrote {path}")
@@ -354,9 +402,13 @@ def evaluate(
     model_dir: Optional[Path] = typer.Option(None, "--model", help="Model dir (default: the one recorded in the predictions)."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
+    allow_unusual_mpp: bool = UnusualMppOpt,
 ) -> None:
     """Score predictions against measured expression: PCC (ACG/HEG/HVG/HPG), MSE, MAE; figures."""
     from genedml.evaluate import evaluate_dir
+
+    _check_mpp(mpp, allow_unusual_mpp)
+    _out_dir(out)
 
     metrics = evaluate_dir(pred, data, out, model_dir=model_dir, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
     console.print(json.dumps(metrics["summary"], indent=2))
@@ -385,10 +437,15 @@ def cv(
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
+    allow_unusual_mpp: bool = UnusualMppOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Leave-one-group-out cross-validation of one or more heads on the same cache and folds."""
     from genedml.cv import CVSettings, run_cv
+
+    _check_mpp(mpp, allow_unusual_mpp)
+    _existing_cache(cache)
+    _out_dir(out)
 
     settings = CVSettings(
         by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
@@ -470,23 +527,68 @@ def demo(
 COMMANDS_WITH_CONFIG = {"extract", "fit", "predict", "cv"}
 
 
+def _invoked_command(argv: list[str]) -> str | None:
+    """The subcommand of `argv`: the first word that is not an option (global options come first)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _config_path(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a TOML file path.")
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _flag_names(command: str) -> dict[str, str]:
+    """{parameter name: its flag} of a subcommand, e.g. {"lambda_group": "--lambda-group"}."""
+    group = typer.main.get_command(app)
+    cmd = group.commands[command]  # type: ignore[attr-defined]
+    names = {}
+    for param in cmd.params:
+        if param.name and param.name != "config":
+            long = [o for o in param.opts if o.startswith("--")]  # arguments have none
+            names[param.name] = long[0] if long else param.name.upper()
+    return names
+
+
 def _default_map(argv: list[str]) -> dict[str, dict[str, Any]] | None:
-    """Read `--config FILE` (TOML) for the invoked command into click's default_map."""
-    if "--config" not in argv:
+    """Read `--config FILE` (TOML) for the invoked command into click's default_map.
+
+    Keys are the command's flag names (`lambda-group = 0.8`), flat or in a table named after the command
+    (`[fit]`); tables for other commands are left to them. An unknown key is refused, naming the closest flag.
+    """
+    path = _config_path(argv)
+    if path is None:
         return None
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
-        raise GenedmlError("--config needs a TOML file path.")
-    path = Path(argv[i + 1])
     try:
         values = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise GenedmlError(f"Cannot read config {path}: {exc}") from exc
-    command = next((a for a in argv if a in COMMANDS_WITH_CONFIG), None)
-    if command is None:
-        return None
-    values = values.get(command, values)  # either a [fit] table or flat keys
-    return {command: {k.replace("-", "_"): v for k, v in values.items()}}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"Cannot read config {path}: {exc}") from exc
+    command = _invoked_command(argv)
+    if command not in COMMANDS_WITH_CONFIG:
+        raise ConfigError(f"--config is accepted by {', '.join(sorted(COMMANDS_WITH_CONFIG))}, not by {command!r}.")
+    flags = _flag_names(command)
+    chosen: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            if key not in COMMANDS_WITH_CONFIG:
+                raise ConfigError(f"{path}: unknown table [{key}]; tables are named after commands: {', '.join(sorted(COMMANDS_WITH_CONFIG))}.")
+            if key == command:
+                chosen.update(value)
+        else:
+            chosen[key] = value
+    for key in chosen:
+        name = key.replace("-", "_")
+        if name not in flags:
+            wanted = "--" + key.replace("_", "-")
+            close = difflib.get_close_matches(wanted, flags.values(), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r} (key {close[0].lstrip('-')!r})?" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r} for `genedml {command}`{hint} See `genedml {command} --help` for its flags.")
+    return {command: {k.replace("-", "_"): v for k, v in chosen.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:

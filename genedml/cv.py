@@ -96,7 +96,7 @@ def variants(settings: CVSettings) -> list[Variant]:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
         label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)"}.get(ablation, f"genedml −{ablation}")
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
-    if settings.retrieve_k:
+    if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)
         rows += [Variant(f"{m} + retrieval (k={r.k}, blend={r.blend:g})", m, (), r) for m in settings.models if m == "genedml"]
     return rows
@@ -149,7 +149,7 @@ def run_cv(
                         head=variant_settings(variant, settings, seed),
                     )
                     t0 = time.perf_counter()
-                    fit_model(cache, None, model_dir, fs, samples=by_id)
+                    fit_model(cache, None, model_dir, fs, samples=by_id, overwrite=True)  # cv's own output
                     fit_seconds = time.perf_counter() - t0
                     fitted[key] = model_dir
                 metrics = evaluate_fold(model_dir, cache, fold["test"], by_id, variant.retrieval)

@@ -11,7 +11,7 @@ import numpy as np
 
 from genedml.errors import InputError
 from genedml.metrics import evaluate_predictions
-from genedml.model_dir import read_targets
+from genedml.model_dir import open_model_dir, read_targets
 from genedml.output import model_dir_of
 from genedml.targets import TargetSpec, targets_at
 
@@ -25,6 +25,20 @@ def _prediction_files(pred: Path) -> list[Path]:
     return files
 
 
+def read_prediction(path: Path) -> Any:
+    """One prediction file as AnnData; a truncated or foreign file is an InputError naming it."""
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 — h5py/anndata raise OSError, KeyError, ValueError... for damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read prediction file {path} ({reason}); is it truncated? Run `genedml predict` again.") from None
+    if "sample_id" not in adata.obs or adata.n_obs == 0 or "spatial" not in adata.obsm:
+        raise InputError(f"{path} is not a genedml prediction (no obs['sample_id'] / obsm['spatial']); make it with `genedml predict`.")
+    return adata
+
+
 def score(truth: Sequence[np.ndarray], preds: Sequence[np.ndarray], sample_ids: Sequence[str], spec: TargetSpec) -> dict[str, Any]:
     """Metrics over several slides (per slide then mean, and pooled), with the model's HEG/HVG lists."""
     slide = np.concatenate([np.full(len(t), s) for t, s in zip(truth, sample_ids)])
@@ -35,15 +49,13 @@ def evaluate_dir(
     pred: str | Path, data: str | Path, out: str | Path, *, model_dir: str | Path | None = None, read_kwargs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Evaluate every prediction file under `pred`; writes metrics.json, per_gene.csv and PNG figures to `out`."""
-    import anndata as ad
-
     from genedml.data import read_samples
     from genedml.plots import pcc_distribution, spatial_maps
 
     files = _prediction_files(Path(pred))
-    adatas = [ad.read_h5ad(f) for f in files]
+    adatas = [read_prediction(f) for f in files]
     provenance = dict(adatas[0].uns.get("genedml", {}))
-    model_dir = Path(model_dir) if model_dir else model_dir_of(files[0], provenance)
+    model_dir, _ = open_model_dir(Path(model_dir) if model_dir else model_dir_of(files[0], provenance))
     spec = read_targets(model_dir)
     ids = [str(a.obs["sample_id"].iloc[0]) for a in adatas]
     samples = {s.sample_id: s for s in read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})}

@@ -18,9 +18,10 @@ from genedml.jsonio import jsonable
 from genedml.data.sample import Sample
 from genedml.errors import CacheMismatchError, ConfigError, InputError
 from genedml.heads.features import SpotFeatures
-from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, fit_prototypes
+from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, check_model_out, fit_prototypes, staged_model_dir
 from genedml.metrics import mean_gene_pcc
 from genedml.targets import TargetSpec, fit_targets, targets_at
+from genedml.threads import threads_for_head, torch_threads
 from genedml.log import log
 
 
@@ -140,15 +141,20 @@ def fit_model(
     read_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
     samples: dict[str, Sample] | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Fit `settings.model` on cached features and write the model directory `out`.
 
-    Expression comes from `samples` when given (cv reads the data once), else from reading `data`.
+    Expression comes from `samples` when given (cv reads the data once), else from reading `data`. The
+    directory is written under a staging name and renamed into place when complete; an existing model at
+    `out` is replaced only with `overwrite` and stays intact until then.
     """
     from genedml.data import read_samples
     from genedml.heads.registry import make_head
 
     start = time.perf_counter()
+    out = Path(out)
+    check_model_out(out, overwrite)  # before any work
     cache = cache_dir if isinstance(cache_dir, FeatureCache) else FeatureCache(cache_dir)
     check_backbone(cache, settings.expect_backbone)
     train_ids, val_ids = split_samples(cache.samples(), settings.train_samples, settings.val_samples, settings.val_fraction, settings.seed)
@@ -178,8 +184,16 @@ def fit_model(
 
         history = {**history, "best_val_pcc": float(mean_gene_pcc(head.predict(val), y_val)), "selection": "closed form (validation scored, not used)"}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_model_dir(out, overwrite) as stage:
+        seconds = _write_model(stage, head, spec, train, y_train, settings, cache, train_ids, val_ids, weights, history, start)
+    return FitResult(out, train_ids, val_ids, history, seconds, weights)
+
+
+def _write_model(
+    out: Path, head: Any, spec: TargetSpec, train: SpotFeatures, y_train: np.ndarray, settings: FitSettings, cache: FeatureCache,
+    train_ids: list[str], val_ids: list[str], weights: str, history: dict[str, Any], start: float,
+) -> float:
+    """Every file of the model directory into `out` (a staging folder); returns the fit's seconds."""
     head.save(out / HEAD_DIR)
     (out / TARGETS).write_text(spec.to_json())
     bank_info = write_bank(out, head, train, y_train, spec, settings)
@@ -205,7 +219,7 @@ def fit_model(
     }
     (out / CONFIG).write_text(json.dumps(jsonable(config), indent=2))
     _write_curve(out, history, "random-init backbone: not a biology result" if weights == "random-init" else None)
-    return FitResult(out, train_ids, val_ids, history, seconds, weights)
+    return seconds
 
 
 def spot_pitch_um(cache: FeatureCache, sample_ids: Sequence[str]) -> float:
@@ -221,14 +235,24 @@ def spot_pitch_um(cache: FeatureCache, sample_ids: Sequence[str]) -> float:
     return round(float(np.median(pitches)), 3) if pitches else 100.0
 
 
+def head_width(settings: Any) -> int | None:
+    """The hidden width of a neural head (what sizes its matrix products), None for closed-form heads."""
+    for name in ("dim", "proj_dim"):
+        value = getattr(settings, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _fit_head(head: Any, train: SpotFeatures, y_train: np.ndarray, val: SpotFeatures | None, y_val: np.ndarray | None, progress: bool) -> dict[str, Any]:
     epochs = int(getattr(head.settings, "epochs", 0) or 0)
-    if progress and epochs:
-        from genedml.progress import EpochProgress
+    with torch_threads(threads_for_head(head_width(head.settings), len(train)) if epochs else None):
+        if progress and epochs:
+            from genedml.progress import EpochProgress
 
-        with EpochProgress(epochs, f"fit {head.name}") as bar:
-            return head.fit(train, y_train, val, y_val, progress=bar).history_
-    return head.fit(train, y_train, val, y_val).history_
+            with EpochProgress(epochs, f"fit {head.name}") as bar:
+                return head.fit(train, y_train, val, y_val, progress=bar).history_
+        return head.fit(train, y_train, val, y_val).history_
 
 
 def write_bank(out: Path, head: Any, train: SpotFeatures, y_train: np.ndarray, spec: TargetSpec, settings: FitSettings) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache, settings_diff
-from genedml.errors import CacheMismatchError, ModelDirError
+from genedml.errors import CacheMismatchError, ConfigError, ModelDirError
 from genedml.heads.features import SpotFeatures
 from genedml.output import cached_sample_view, log_view, write_prediction
-from genedml.model_dir import BANK_DIR, HEAD_DIR, INDEX_FILE, PROTOTYPES, Prototypes, read_config, read_targets
+from genedml.model_dir import BANK_DIR, HEAD_DIR, INDEX_FILE, PROTOTYPES, Prototypes, manifest_id, open_model_dir, read_config, read_targets
 from genedml.log import log
 
 
@@ -29,28 +29,40 @@ class RetrievalSettings:
     blend: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ModelDirError(f"--retrieve-k must be >= 1, got {self.k}.")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"--retrieve-k must be an integer >= 1 (the number of reference spots), got {self.k!r}.")
         if not 0.0 <= self.blend <= 1.0:
-            raise ModelDirError(f"--blend must be in [0, 1], got {self.blend}.")
+            raise ConfigError(f"--blend must be in [0, 1], got {self.blend}.")
         if self.weighting not in ("uniform", "softmax", "inverse-l1"):
-            raise ModelDirError(f"--weighting must be uniform, softmax or inverse-l1, got {self.weighting!r}.")
+            raise ConfigError(f"--weighting must be uniform, softmax or inverse-l1, got {self.weighting!r}.")
+        if not self.tau > 0:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}.")
 
 
 class Predictor:
-    """A loaded model directory: head, target spec, and (when present) reference bank, index, prototypes."""
+    """A loaded model directory: head, target spec, and (when present) reference bank, index, prototypes.
+
+    The directory's files are checked against its manifest first, and the manifest id again after each
+    load, so a model replaced by `fit --overwrite` while it is read is refused rather than mixed.
+    """
 
     def __init__(self, model_dir: str | Path) -> None:
         from genedml.heads import load_head
 
-        self.model_dir = Path(model_dir)
-        self.config = read_config(model_dir)
-        self.targets = read_targets(model_dir)
+        self.model_dir, manifest = open_model_dir(model_dir)
+        self.manifest_id = None if manifest is None else str(manifest["id"])
+        self.config = read_config(self.model_dir)
+        self.targets = read_targets(self.model_dir)
         self.head = load_head(self.model_dir / HEAD_DIR)
         self.genes = list(self.config["genes"])
         self._bank: Any = None
         self._index: Any = None
         self._prototypes: Prototypes | None = None
+        self._check_unchanged()
+
+    def _check_unchanged(self) -> None:
+        if self.manifest_id is not None and manifest_id(self.model_dir) != self.manifest_id:
+            raise ModelDirError(f"{self.model_dir} was replaced (genedml fit --overwrite) while it was being read; run again.")
 
     @property
     def has_bank(self) -> bool:
@@ -65,11 +77,13 @@ class Predictor:
                 raise ModelDirError(f"--retrieve-k needs a reference bank: {reason}. Use --model genedml or bleep.")
             self._bank = ReferenceBank.load(self.model_dir / BANK_DIR)
             self._index = load_index(self.model_dir / BANK_DIR)
+            self._check_unchanged()
         return self._bank, self._index
 
     def prototypes(self) -> Prototypes | None:
         if self._prototypes is None and (self.model_dir / PROTOTYPES).is_file():
             self._prototypes = Prototypes.load(self.model_dir / PROTOTYPES)
+            self._check_unchanged()
         return self._prototypes
 
     def check_cache(self, cache: FeatureCache) -> None:

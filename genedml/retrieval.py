@@ -11,10 +11,8 @@ unit vectors (|a - b|^2 = 2 - 2 a.b, and the constant cancels after normalisatio
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
+from genedml.log import log
 from genedml.model_dir import INDEX_FILE
 from genedml.errors import GenedmlError, InputError, ModelDirError
 
-logger = logging.getLogger("genedml")
 
 Weighting = Literal["uniform", "softmax", "inverse-l1"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "softmax", "inverse-l1")
@@ -189,11 +187,11 @@ def _place(index: faiss.Index, use_gpu: bool | None) -> faiss.Index:
     global _GPU_RESOURCES
     on_gpu, why = _gpu_decision(use_gpu)
     if not on_gpu:
-        logger.info("faiss: CPU index (%s)", why)
+        log.info("faiss: CPU index (%s)", why)
         return index
     if _GPU_RESOURCES is None:
         _GPU_RESOURCES = faiss.StandardGpuResources()
-    logger.info("faiss: GPU index on device 0 (%s)", why)
+    log.info("faiss: GPU index on device 0 (%s)", why)
     options = faiss.GpuClonerOptions()
     # IVF-PQ: float16 lookup tables (64 sub-quantisers x 256 centroids in float32 exceed 48 KB shared memory).
     options.useFloat16 = isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ)
@@ -238,7 +236,7 @@ def min_ivfpq_spots(nbits: int = _PQ_NBITS) -> int:
 def _ivf_lists(m: int, nlist: int | None) -> int:
     nlist = nlist or default_nlist(m)
     if nlist > m:
-        warnings.warn(f"nlist={nlist} exceeds the bank size {m}; using nlist={m}.", stacklevel=3)
+        log.warning("nlist=%d exceeds the bank size %d; using nlist=%d", nlist, m, m)
         nlist = m
     return nlist
 
@@ -358,7 +356,7 @@ def load_index(path: str | Path, use_gpu: bool | None = None) -> faiss.Index:
         index = faiss.read_index(str(path))
     except RuntimeError as exc:
         raise ModelDirError(f"{path} is not a readable faiss index ({exc}).") from exc
-    logger.info("faiss: loaded %s from %s", describe_index(index_params(index)), path)
+    log.info("faiss: loaded %s from %s", describe_index(index_params(index)), path)
     return _place(index, use_gpu)
 
 
@@ -381,8 +379,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         raise GenedmlError(f"k={k} exceeds the {_GPU_MAX_K} neighbours a faiss GPU index can return; "
                            "use a smaller k or a CPU index (use_gpu=False).")
     if k > index.ntotal:
-        warnings.warn(f"k={k} exceeds the reference bank size {index.ntotal}; using k={index.ntotal}.",
-                      stacklevel=2)
+        log.warning("k=%d exceeds the reference bank size %d; using k=%d", k, index.ntotal, index.ntotal)
         k = int(index.ntotal)
     similarity, neighbor_idx = index.search(l2_normalise(q), int(k))
     return similarity.astype(np.float32, copy=False), neighbor_idx.astype(np.int64, copy=False)
@@ -448,8 +445,7 @@ def search_bank(index: faiss.Index, bank_embeddings: np.ndarray, queries: np.nda
     if not _is_pq(index):
         return search(index, queries, k)
     if k > index.ntotal:
-        warnings.warn(f"k={k} exceeds the reference bank size {index.ntotal}; using k={index.ntotal}.",
-                      stacklevel=3)
+        log.warning("k=%d exceeds the reference bank size %d; using k=%d", k, index.ntotal, index.ntotal)
     cap = _GPU_MAX_K if _is_gpu(index) else index.ntotal
     shortlist = max(min(RERANK_FACTOR * int(k), index.ntotal, cap), min(int(k), index.ntotal))
     _, candidates = search(index, queries, shortlist)

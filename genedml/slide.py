@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +11,7 @@ import numpy as np
 from genedml.data.formats import open_image
 from genedml.data.image import RegionReader
 from genedml.data.sample import Sample
-from genedml.errors import InputError
+from genedml.errors import ConfigError, InputError
 from genedml.output import SpatialView, spot_diameter_px, thumbnail, write_prediction
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
@@ -89,22 +90,43 @@ def predict_slide(
     retrieval: RetrievalSettings | None = None,
     weights: Path | None = None,
     device: str = "auto",
+    allow_unusual_mpp: bool = False,
 ) -> list[Path]:
-    """Detect tissue, tile virtual spots, extract with the model's backbone settings, predict, map genes."""
+    """Detect tissue, tile virtual spots, extract with the model's backbone settings, predict, map genes.
+
+    Everything the user chose (mpp, pitch, genes) is checked before the slide is read.
+    """
     from genedml.backbones import load_backbone
     from genedml.spots import load_spot_features
     from genedml.cache.store import FeatureCache
+    from genedml.extract.geometry import check_mpp, check_patch_geometry
     from genedml.extract.runner import ExtractSettings, run_extraction
     from genedml.plots import expression_map
 
-    if mpp is None or mpp <= 0:
+    if mpp is None:
         raise InputError(f"--mpp (µm per pixel of {slide}) is required for a slide without metadata, e.g. --mpp 0.5.")
+    check_mpp(mpp, str(slide), allow_unusual=allow_unusual_mpp)
+    if pitch_um is not None and not pitch_um > 0:
+        raise ConfigError(f"--pitch-um must be > 0 µm, got {pitch_um}.")
+    wanted = list(genes or predictor.targets.heg[:6] or predictor.genes[:6])
+    unknown = [g for g in wanted if g not in predictor.genes]
+    if unknown:
+        close = {g: difflib.get_close_matches(g, predictor.genes, n=1) for g in unknown}
+        hint = "; ".join(f"{g} → did you mean {c[0]}?" for g, c in close.items() if c)
+        raise InputError(f"Genes {unknown} are not in the model's panel ({len(predictor.genes)} genes, listed in "
+                         f"{predictor.model_dir / 'config.json'}){'; ' + hint if hint else ''}.")
     image = open_image(slide)
     cs = predictor.config["cache_settings"]
+    settings = ExtractSettings(
+        patch_px=int(cs["patch_px"]), mpp_target=cs.get("mpp_target"), scales=tuple(cs["scales"]),
+        neighbor_mode=cs.get("neighbor_mode") or "lattice", local_tokens=cs["local_tokens"], augment=None,
+        dtype=cs["dtype"], device=device,
+    )
+    sample_id = Path(slide).stem
+    check_patch_geometry(sample_id, mpp, image.width, image.height, settings.geometry, allow_unusual=allow_unusual_mpp)
     pitch = pitch_um or float(predictor.config.get("spot_pitch_um") or 100.0)
     thumb, scale = thumbnail(image, THUMBNAIL_SIDE)
     centers, grid = virtual_spots(image, mpp, pitch, view=(thumb, scale))
-    sample_id = Path(slide).stem
     barcodes = np.array([f"{c}x{r}" for c, r in grid])
     sample = Sample(sample_id, sample_id, mpp, barcodes, centers, image, array_coords=grid, source="slide")
     log.info("%s: %d virtual spots at %.1f µm pitch over detected tissue", sample_id, len(centers), pitch)
@@ -113,11 +135,6 @@ def predict_slide(
 
     random_init = cs.get("weights") == "random-init"
     backbone = load_backbone(cs["backbone"], weights=weights, random_init=random_init, device=str(resolve_device(device)))
-    settings = ExtractSettings(
-        patch_px=int(cs["patch_px"]), mpp_target=cs.get("mpp_target"), scales=tuple(cs["scales"]),
-        neighbor_mode=cs.get("neighbor_mode") or "lattice", local_tokens=cs["local_tokens"], augment=None,
-        dtype=cs["dtype"], device=device,
-    )
     out = Path(out)
     cache = FeatureCache(out / "features", settings.cache_settings(backbone.provenance()))
     predictor.check_cache(cache)  # refuses other weights (hash) than the model was trained with
@@ -126,10 +143,6 @@ def predict_slide(
     pred = predictor.predict(feats, retrieval)
     spatial = SpatialView.from_thumbnail(thumb, scale, spot_diameter_px(centers, pitch / mpp), str(slide))
     paths = [write_prediction(out / f"{sample_id}.h5ad", sample_id, feats.barcodes, centers, predictor.genes, pred, predictor.provenance(retrieval), spatial=spatial)]
-    wanted = list(genes or predictor.targets.heg[:6] or predictor.genes[:6])
-    unknown = [g for g in wanted if g not in predictor.genes]
-    if unknown:
-        raise InputError(f"Genes {unknown} are not in the model's panel ({len(predictor.genes)} genes).")
     note = predictor.provenance(retrieval)["note"] or None
     for gene in wanted:
         values = pred["X"][:, predictor.genes.index(gene)]

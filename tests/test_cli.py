@@ -66,6 +66,9 @@ def test_cli_chain_extract_fit_predict_evaluate(data, tmp_path):
     out = run("fit", "--cache", str(cache), "--data", str(data), "--out", str(model), "--train-samples", "SYN0",
               "--val-samples", "SYN1", "--config", str(cfg), "--groups", "4", "--head-option", "dim=64")
     assert out.returncode == 0, out.stderr
+    # stderr is a pipe, not a terminal: one complete line per epoch instead of a progress bar, no raw warnings
+    assert "fit genedml epoch 5/5: loss=" in out.stderr and "val_pcc=" in out.stderr and "━" not in out.stderr
+    assert "Traceback" not in out.stderr and "warnings.warn" not in out.stderr
     config = json.loads((model / "config.json").read_text())
     assert config["head_config"]["epochs"] == 5 and len(config["genes"]) == 20 and config["head_config"]["groups"] == 4
     assert config["head_config"]["dim"] == 64

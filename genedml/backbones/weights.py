@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle  # only for its exception class: torch.load(weights_only=True) raises UnpicklingError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -126,17 +125,72 @@ def missing_weights_message(spec: BackboneSpec) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .bin / .pth / .pt file (no pickle: torch.load with weights_only)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    kind = sniff_weights_format(path)
+    if kind is None:
+        raise InputError(
+            f"cannot read weights file {path}: it is neither a safetensors file nor a PyTorch checkpoint "
+            f"(torch.save zip or pickle){_looks_like(path)}. Accepted: .safetensors, or .bin/.pth/.pt/.torch "
+            "written by torch.save (state dict of tensors)."
+        )
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             loaded = load_file(str(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise InputError(f"cannot read weights file {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 — torch/safetensors raise many types (UnpicklingError, RuntimeError, KeyError...) on bad files
+        raise InputError(f"cannot read weights file {path} ({kind}): {torch_error_summary(err)}") from None
     return strip_prefixes(_unwrap(loaded, path))
+
+
+def sniff_weights_format(path: Path) -> str | None:
+    """"safetensors", "torch-zip", "torch-pickle" from the first bytes of `path`, or None for anything else."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as err:
+        raise InputError(f"cannot read weights file {path}: {err.strerror or err}") from None
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-pickle"  # the legacy torch.save format starts with a pickled magic number
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    return None
+
+
+def _looks_like(path: Path) -> str:
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        return ""
+    if not head:
+        return "; the file is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    return "; it looks like a text file"
+
+
+# torch's messages for refused pickles advise re-running with weights_only=False: that executes arbitrary code
+# from the file, so it is never advice genedml passes on.
+_UNSAFE_ADVICE = ("weights_only", "Weights only load failed", "arbitrary code", "trusted source", "file an issue",
+                  "Check the documentation of torch.load", "torch.serialization", "pytorch.org")
+
+
+def torch_error_summary(err: BaseException) -> str:
+    """The informative part of a torch.load / safetensors error, without torch's unsafe advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if not any(marker in line for marker in _UNSAFE_ADVICE)]
+    text = " ".join(kept)[:300] or type(err).__name__
+    if "Unsupported global" in str(err) or "WeightsUnpickler" in str(err):
+        text += (" — the checkpoint holds Python objects besides tensors; genedml reads tensors only. Convert it "
+                 "to .safetensors (or save only the state dict) on a machine where you trust the file")
+    return text
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import re
 import shutil
@@ -42,8 +41,8 @@ import zarr
 from genedml.cache.chunks import integrity_record, missing_chunks
 from genedml.jsonio import jsonable
 from genedml.errors import CacheLockedError, CacheMismatchError, GenedmlError, InputError
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 FORMAT_VERSION = 1
 # Settings that do not change the features: recorded, never compared.

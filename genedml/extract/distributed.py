@@ -25,9 +25,10 @@ import torch.distributed as dist
 from genedml.cache.store import FeatureCache, check_cache_path
 from genedml.data.sample import Sample
 from genedml.errors import GenedmlError
+from genedml.extract.geometry import check_patch_geometry
 from genedml.extract.runner import ExtractSettings, reports_summary, resolve_device, run_extraction
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 
 def shard_by_spots(spot_counts: Sequence[int], world_size: int) -> list[list[int]]:
@@ -65,6 +66,7 @@ def run_extraction_distributed(
     read_kwargs: dict[str, Any],
     overwrite: bool = False,
     progress: bool = True,
+    allow_unusual_mpp: bool = False,
 ) -> dict[str, Any] | None:
     """Read samples, load the backbone, and extract this rank's share. Returns the summary on rank 0.
 
@@ -84,6 +86,7 @@ def run_extraction_distributed(
                 data, backbone=backbone, weights=weights, random_init=random_init, allow_download=allow_download,
                 cache_dir=cache_dir, settings=settings, samples=samples, read_kwargs=read_kwargs,
                 overwrite=overwrite, progress=progress, rank=rank, world=world, local_rank=local_rank,
+                allow_unusual_mpp=allow_unusual_mpp,
             )
             parts = _gather(summary, failure, rank, world)
     finally:
@@ -111,7 +114,7 @@ def run_extraction_distributed(
 def _extract_share(
     data: Path, *, backbone: str, weights: Path | None, random_init: bool, allow_download: bool, cache_dir: Path,
     settings: ExtractSettings, samples: list[str] | None, read_kwargs: dict[str, Any], overwrite: bool,
-    progress: bool, rank: int, world: int, local_rank: int,
+    progress: bool, rank: int, world: int, local_rank: int, allow_unusual_mpp: bool = False,
 ) -> tuple[list[Sample] | None, dict[str, Any], BaseException | None]:
     """This rank's work: (all samples or None, its summary, the exception it hit or None)."""
     from dataclasses import replace
@@ -130,6 +133,9 @@ def _extract_share(
             device = f"cuda:{local_rank}"  # one device per rank
         settings = replace(settings, device=device)
         all_samples = read_samples(data, samples=samples, **{k: v for k, v in read_kwargs.items() if v is not None})
+        for sample in all_samples:  # before loading a model: a wrong mpp fails (or warns) here, not mid-extraction
+            check_patch_geometry(sample.sample_id, sample.mpp, sample.image.width, sample.image.height, settings.geometry,
+                                 allow_unusual=allow_unusual_mpp)
         mine = [all_samples[i] for i in shard_by_spots([s.n_spots for s in all_samples], world)[rank]]
         if world > 1:
             log.info("%d samples, %d spots", len(mine), sum(s.n_spots for s in mine))

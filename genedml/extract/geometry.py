@@ -5,11 +5,20 @@ Boxes are int64 (x, y, w, h) in level-0 pixels, x = column, y = row of the top-l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from genedml.errors import ConfigError
+from genedml.log import log
+
 GRID = 5
+# µm per pixel of real H&E images: 0.25 (40x) and 0.5 (20x) scans, Visium/ST full-resolution images up to a
+# few µm/px, thumbnails up to ~20. Outside this range a value is almost surely a unit mistake (mm, px/µm).
+MPP_RANGE = (0.05, 20.0)
+MAX_FOV_PX = 16384  # one local patch read at this side is 0.8 GB of RGB: a wrong mpp, not a plan
+MIN_FOV_PX = 8  # below this a patch is upsampled from a few pixels and carries no morphology
 # Row-major offsets (drow, dcol) of the 25 neighbourhood tiles; index 12 is the spot's own tile.
 OFFSETS = np.array([(dr, dc) for dr in range(-2, 3) for dc in range(-2, 3)], dtype=np.int64)
 CENTRE_TILE = 12
@@ -32,6 +41,38 @@ class Geometry:
 
     def fov_um(self, mpp: float) -> float:
         return self.fov_px(mpp) * mpp
+
+
+def check_mpp(mpp: float | None, where: str, *, allow_unusual: bool = False, source: str = "--mpp") -> None:
+    """Refuse a non-positive µm/px, and one outside MPP_RANGE unless `allow_unusual` (--allow-unusual-mpp)."""
+    if mpp is None:
+        return
+    prefix = f"{where}: " if where else ""
+    if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+        raise ConfigError(f"{prefix}{source} must be a positive number of µm per pixel, got {mpp!r}.")
+    low, high = MPP_RANGE
+    if not allow_unusual and not low <= mpp <= high:
+        raise ConfigError(
+            f"{prefix}{source} {mpp:g} µm/px is outside the plausible range {low:g}–{high:g} µm/px (0.25 = 40x, "
+            f"0.5 = 20x scans); check the value and its unit, or pass --allow-unusual-mpp if it is right."
+        )
+
+
+def check_patch_geometry(sample_id: str, mpp: float, width: int, height: int, geometry: Geometry, *, allow_unusual: bool = False) -> None:
+    """Before extraction: a plausible mpp, a patch that is neither gigantic nor sub-pixel, and an image that holds one."""
+    check_mpp(mpp, f"sample '{sample_id}'", allow_unusual=allow_unusual, source="mpp")
+    fov = geometry.fov_px(mpp)
+    if fov > MAX_FOV_PX and not allow_unusual:
+        raise ConfigError(
+            f"sample '{sample_id}': one patch would be {fov} px wide ({geometry.patch_px} px at {geometry.mpp_target} µm/px "
+            f"from {mpp:g} µm/px); check --mpp / --mpp-target, or pass --allow-unusual-mpp."
+        )
+    if geometry.patch_px * (geometry.mpp_target or mpp) / mpp < MIN_FOV_PX:
+        log.warning("sample '%s': each patch is read from a %d px region (%g µm/px) and upsampled to %d px; check --mpp",
+                    sample_id, fov, mpp, geometry.patch_px)
+    if fov > width or fov > height:
+        log.warning("sample '%s': the image (%d x %d px) is smaller than one patch (%d px = %.0f µm); patches are padded with white",
+                    sample_id, width, height, fov, fov * mpp)
 
 
 def local_boxes(centers: np.ndarray, fov: int) -> np.ndarray:

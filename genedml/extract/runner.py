@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,11 +17,11 @@ from genedml.cache.verify import check_sample
 from genedml.data.sample import Sample
 from genedml.backbones.timm_encoder import ALL_TOKENS
 from genedml.data.spots import snap_to_grid
-from genedml.errors import CacheLockedError, CacheMismatchError, InputError
+from genedml.errors import CacheLockedError, CacheMismatchError, ConfigError, InputError
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
+from genedml.log import log
 
-log = logging.getLogger("genedml")
 
 SCALES = ("local", "neighbor")
 TOKEN_GRIDS = {"cls": 0, "2x2": 2, "4x4": 4, "all": ALL_TOKENS}
@@ -57,6 +56,10 @@ class ExtractSettings:
             raise InputError(f"--dtype must be float16 or float32, got {self.dtype!r}.")
         if self.patch_px <= 0 or (self.mpp_target is not None and self.mpp_target <= 0):
             raise InputError("--patch-px and --mpp-target must be positive.")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be an integer >= 1 (patches per model call), got {self.batch_size!r}.")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (0 = read patches in the main thread), got {self.workers!r}.")
 
     @property
     def geometry(self) -> Geometry:
