@@ -227,7 +227,7 @@ class NeuralHead(Head):
             epochs: list[dict[str, Any]] = []
             best = {"epoch": -1, "pcc": -np.inf, "state": None}
             for epoch in range(cfg.epochs):
-                parts = self._train_epoch(maker, targets, optimizer, generator, passes, amp, grad_scaler)
+                parts, steps_per_epoch = self._train_epoch(maker, targets, optimizer, generator, passes, amp, grad_scaler)
                 if epoch == 0:
                     self._warn_if_long(time.perf_counter() - start, device)
                 scheduler.step()
@@ -242,7 +242,6 @@ class NeuralHead(Head):
             if best["state"] is not None:
                 self.model.load_state_dict(best["state"])
             self.after_fit(train, y_train)
-        steps_per_epoch = passes * int(np.ceil(len(train) / cfg.batch_size))
         self.history_ = {
             "epochs": epochs,
             "best_epoch": best["epoch"],
@@ -312,11 +311,13 @@ class NeuralHead(Head):
         passes: int = 1,
         amp: torch.dtype | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], int]:
+        """One epoch: mean loss parts over its spots, and the optimiser steps it took (slide-aware batches
+        can make an epoch a step or two longer than spots / batch size)."""
         model = self._model()
         model.train()
         sums: dict[str, float] = {}
-        seen = 0
+        seen = steps = 0
         for _ in range(passes):
             for index in batch_order(maker.feats.slide, self.settings.batch_size, self.settings.batch_slides, generator):
                 batch = maker.make(index, generator)
@@ -334,7 +335,8 @@ class NeuralHead(Head):
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + value * len(index)
                 seen += len(index)
-        return {name: total / seen for name, total in sums.items()}
+                steps += 1
+        return {name: total / seen for name, total in sums.items()}, steps
 
     # -- persistence ----------------------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Any]:
