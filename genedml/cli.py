@@ -318,6 +318,7 @@ def fit(
     seed: int = typer.Option(2021, help="Random seed."),
     expect_backbone: Optional[str] = typer.Option(None, help="Refuse a cache made with another backbone."),
     index: str = typer.Option("flat", help="Retrieval index over the reference bank: flat (exact), ivf, or ivfpq (10⁶+ spots; compressed, re-ranked exactly)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Most cached-feature bytes held in memory, e.g. 8GB; a larger training set is read from the cache slide by slide (neural heads; batches become slide-aware)."),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE, e.g. dim=128 or neighbor_depth=2 (repeatable)."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
@@ -338,7 +339,7 @@ def fit(
     settings = FitSettings(
         model=model, genes=genes, gene_select=gene_select, gene_list=gene_list, normalize_over=normalize_over, log=log,
         smooth=smooth, train_samples=_csv(train_samples), val_samples=_csv(val_samples), val_fraction=val_fraction,
-        seed=seed, expect_backbone=expect_backbone, index=index,
+        seed=seed, expect_backbone=expect_backbone, index=index, max_memory=max_memory,
         head=_head_settings(model, generic, _key_values(head_option)),
     )
     check_model_out(out, overwrite)

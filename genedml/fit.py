@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 import genedml
-from genedml.spots import load_spot_features
+from genedml.spots import feature_bytes, load_spot_features, stream_spot_features
 from genedml.cache.store import FeatureCache
 from genedml.jsonio import jsonable
 from genedml.data.sample import Sample
 from genedml.errors import CacheMismatchError, ConfigError, InputError
-from genedml.heads.features import SpotFeatures
+from genedml.heads.features import SpotFeatures, StreamedSpots
 from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, check_model_out, fit_prototypes, staged_model_dir
 from genedml.metrics import mean_gene_pcc
 from genedml.targets import TargetSpec, fit_targets, targets_at
@@ -29,6 +30,21 @@ from genedml.log import log
 GENE_SELECT = ("mean", "variance")
 LOG_TRANSFORMS = ("log1p", "log10", "none")
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: str | int | None) -> int | None:
+    """'8GB', '512MiB', '2.5G' or a byte count → bytes (1 GB = 10⁹ B); None stays None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        if isinstance(value, int) and value <= 0:
+            raise ConfigError(f"--max-memory must be > 0, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max-memory must be a size such as 8GB, 500MB or 16GiB, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass
@@ -52,6 +68,9 @@ class FitSettings:
     seed: int = 2021
     expect_backbone: str | None = None
     index: str = "flat"
+    # Bytes of cached features a fit may hold in memory; a larger training set is streamed from the cache a
+    # slide group at a time (neural heads). None: always in memory.
+    max_memory: int | str | None = None
     head: Any = None
 
     def __post_init__(self) -> None:
@@ -72,6 +91,7 @@ class FitSettings:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.index not in INDEX_KINDS:
             raise ConfigError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.index!r}")
+        self.max_memory = parse_bytes(self.max_memory)
         if self.gene_list is not None and not Path(self.gene_list).is_file():
             raise ConfigError(f"--gene-list {self.gene_list} is not a file (one gene symbol per line)")
 
@@ -119,10 +139,39 @@ def split_samples(
     return train, val
 
 
-def load_split(cache: FeatureCache, samples: dict[str, Sample], ids: Sequence[str], spec: TargetSpec) -> tuple[SpotFeatures, np.ndarray]:
-    feats = load_spot_features(cache, ids)
+def load_split(
+    cache: FeatureCache, samples: dict[str, Sample], ids: Sequence[str], spec: TargetSpec, *, stream: bool = False
+) -> tuple[SpotFeatures | StreamedSpots, np.ndarray]:
+    feats = stream_spot_features(cache, ids) if stream else load_spot_features(cache, ids)
     y = np.concatenate([targets_at(samples[s], feats.barcodes[feats.slide == i], spec) for i, s in enumerate(ids)])
     return feats, y
+
+
+def memory_plan(cache: FeatureCache, ids: Sequence[str], settings: FitSettings) -> tuple[FitSettings, bool]:
+    """Whether the features of `ids` must be streamed to stay within `--max-memory`, and the settings to use.
+
+    Streaming reads slides as batches need them, so batches must be slide-aware: `batch_slides=0` (the
+    authors' sampling) becomes 1, with a warning. Closed-form heads need every feature at once: refused.
+    """
+    if settings.max_memory is None:
+        return settings, False
+    need = feature_bytes(cache, ids)
+    if need <= settings.max_memory:
+        log.info("fit: the features take %.2f GB, within --max-memory %.2f GB: held in memory", need / 1e9, settings.max_memory / 1e9)
+        return settings, False
+    if not hasattr(settings.head, "batch_slides"):
+        raise InputError(
+            f"the features of the {len(ids)} samples take {need / 1e9:.2f} GB, over --max-memory "
+            f"{settings.max_memory / 1e9:.2f} GB, and the {settings.model} head needs them all in memory; raise "
+            "--max-memory, use fewer samples, or a neural head (genedml, triplex, bleep), which streams them"
+        )
+    head = settings.head
+    if head.batch_slides == 0:
+        log.warning("fit: streaming needs slide-aware batches: batch_slides 0 (the authors' sampling) becomes 1")
+        head = replace(head, batch_slides=1)
+    log.info("fit: the features take %.2f GB, over --max-memory %.2f GB: slides are read from the cache as "
+             "batches need them (batches of at most %d slide(s))", need / 1e9, settings.max_memory / 1e9, head.batch_slides)
+    return replace(settings, head=head), True
 
 
 def check_backbone(cache: FeatureCache, expected: str | None) -> None:
@@ -171,8 +220,9 @@ def fit_model(
         [samples[s] for s in train_ids], n_genes=settings.genes, select=settings.gene_select, gene_list=gene_list,
         normalize_over=settings.normalize_over, log=settings.log, smooth=settings.smooth,
     )
-    train, y_train = load_split(cache, samples, train_ids, spec)
-    val, y_val = load_split(cache, samples, val_ids, spec) if val_ids else (None, None)
+    settings, stream = memory_plan(cache, train_ids + val_ids, settings)
+    train, y_train = load_split(cache, samples, train_ids, spec, stream=stream)
+    val, y_val = load_split(cache, samples, val_ids, spec, stream=stream) if val_ids else (None, None)
 
     head = make_head(settings.model, settings.head)
     weights = str(cache.settings.get("weights"))
@@ -190,7 +240,7 @@ def fit_model(
 
 
 def _write_model(
-    out: Path, head: Any, spec: TargetSpec, train: SpotFeatures, y_train: np.ndarray, settings: FitSettings, cache: FeatureCache,
+    out: Path, head: Any, spec: TargetSpec, train: SpotFeatures | StreamedSpots, y_train: np.ndarray, settings: FitSettings, cache: FeatureCache,
     train_ids: list[str], val_ids: list[str], weights: str, history: dict[str, Any], start: float,
 ) -> float:
     """Every file of the model directory into `out` (a staging folder); returns the fit's seconds."""
@@ -208,6 +258,7 @@ def _write_model(
         "val_samples": val_ids,
         "selection": "validation split carved from the training samples" if val_ids else "last epoch (no validation samples)",
         "n_train_spots": int(len(train)),
+        "features_streamed": isinstance(train, StreamedSpots),
         "spot_pitch_um": spot_pitch_um(cache, train_ids),
         "cache": str(cache.root.resolve()),
         "cache_settings": cache.settings,

@@ -4,6 +4,9 @@ Every sample is decoded by `genedml.cache.schema.decode_sample` and copied into 
 all samples, in the cache's dtype and without expanding the neighbour tiles (see `genedml.heads.features`):
 memory peaks at the assembled features plus one sample, not twice the features. With dihedral views,
 `local` is a view of view 0 of `local_aug` (the cache stores both; only the views are read).
+
+`stream_spot_features` describes the same spots without reading their features (`StreamedSpots`): the heads
+read them a slide group at a time, so a training set larger than memory (`genedml fit --max-memory`) fits.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from typing import Sequence
 import numpy as np
 
 from genedml.cache.schema import (
-    ARRAYS, LATTICE, LOCAL, LOCAL_AUG, NEIGHBOR, NEIGHBOR_INDEX, NEIGHBOR_TILES, SlideFeatures, decode_sample,
+    ARRAYS, BARCODES, LATTICE, LOCAL, LOCAL_AUG, NEIGHBOR, NEIGHBOR_INDEX, NEIGHBOR_TILES, SlideFeatures,
+    as_strings, decode_sample,
 )
 from genedml.cache.store import FeatureCache
 from genedml.errors import InputError
-from genedml.heads.features import SpotFeatures
+from genedml.heads.features import SpotFeatures, StreamedSpots
 
 
 def read_slide(cache: FeatureCache, sample_id: str, *, with_aug: bool = True) -> SlideFeatures:
@@ -83,6 +87,47 @@ def load_spot_features(cache: FeatureCache, sample_ids: Sequence[str], *, with_a
         barcodes=np.concatenate(barcodes),
         token_weights=None if token_weights is None else np.asarray(token_weights, dtype=np.float32),
         **out,
+    )
+
+
+def feature_bytes(cache: FeatureCache, sample_ids: Sequence[str], *, with_aug: bool = True) -> int:
+    """Bytes that `load_spot_features` allocates for these samples (what a fit holds in memory)."""
+    total = 0
+    for sample_id in sample_ids:
+        shapes = cache.array_shapes(sample_id)
+        (n, tokens, dim), dtype = shapes[LOCAL]
+        itemsize = np.dtype(dtype).itemsize
+        views = 8 if with_aug and LOCAL_AUG in shapes else 1
+        tiles = _tiles_in(shapes)
+        total += n * views * tokens * dim * itemsize + 16 * n  # features, grid
+        if tiles is not None:
+            total += tiles * dim * itemsize + n * NEIGHBOR_TILES * 5  # tiles, int32 index, bool mask
+    return total
+
+
+def stream_spot_features(cache: FeatureCache, sample_ids: Sequence[str], *, with_aug: bool = True) -> StreamedSpots:
+    """The spots of `sample_ids` (rows as `load_spot_features` orders them), features left in the cache.
+
+    Only the barcodes are read now; `StreamedSpots.read` loads whole slides when a batch needs them.
+    """
+    if not sample_ids:
+        raise InputError("no samples to assemble features from")
+    ids = list(sample_ids)
+    barcodes = [as_strings(cache.read(s, names=[BARCODES]).arrays[BARCODES]) for s in ids]
+    dims = {cache.array_shapes(s)[LOCAL][0][2] for s in ids}
+    if len(dims) > 1:
+        raise InputError(f"the samples have features of different widths {sorted(dims)}; use one cache per backbone")
+
+    def read(slides: Sequence[int]) -> SpotFeatures:
+        return load_spot_features(cache, [ids[s] for s in slides], with_aug=with_aug)
+
+    return StreamedSpots(
+        slide=np.repeat(np.arange(len(ids), dtype=np.int64), [len(b) for b in barcodes]),
+        sample_ids=ids,
+        barcodes=np.concatenate(barcodes),
+        dim=int(dims.pop()),
+        read=read,
+        feature_bytes=feature_bytes(cache, ids, with_aug=with_aug),
     )
 
 

@@ -354,3 +354,17 @@ def test_save_load_gives_identical_predictions(fitted: dict, data: dict[str, Any
         assert type(loaded) is type(head) and loaded.config() == head.config()
         np.testing.assert_array_equal(loaded.predict(data["val"]), head.predict(data["val"]))
     assert make_head(name, head.config()).config() == head.config()
+
+
+def test_encoder_dim_projects_before_the_scale_encoders(data: dict[str, Any]) -> None:
+    model, parts = one_batch_parts({"encoder_dim": 4}, data)
+    assert model.input_proj.weight.shape == (4, data["train"].dim)
+    assert model.neighbor_encoder.norm.normalized_shape == (4,) and model.global_encoder.norm.normalized_shape == (4,)
+    assert model.fc.in_features == 4 and {"regression", "instance", "group"} <= set(parts)
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+    reference, _ = one_batch_parts({}, data)  # default: the encoders at the backbone width, no extra weights
+    assert not any(name.startswith("input_proj") for name in reference.state_dict())
+    for bad in (-1, 1.5, True, 3):  # 3: not divisible by the 2 heads of SMALL
+        with pytest.raises(ConfigError, match="encoder_dim"):
+            make_head("genedml", {**SMALL, "encoder_dim": bad})

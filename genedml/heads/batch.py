@@ -9,6 +9,7 @@ import torch
 
 from genedml.errors import InputError
 from genedml.heads.features import NEIGHBOR_TILES, SpotFeatures
+from genedml.heads.scaling import FeatureScaler
 
 
 @dataclass
@@ -43,7 +44,7 @@ class BatchMaker:
         feats: SpotFeatures,
         device: torch.device | str = "cpu",
         need_neighbor: bool = False,
-        scaler: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scaler: FeatureScaler | None = None,
     ):
         if need_neighbor and not feats.has_neighbor:
             raise InputError(
@@ -59,19 +60,21 @@ class BatchMaker:
         weights = feats.token_weights
         self._token_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32).to(self.device)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        """Backbone features as float32 on the device, standardised per dimension when a scaler is set."""
+    def _tensor(self, array: np.ndarray, kind: str) -> torch.Tensor:
+        """Backbone features as float32 on the device, standardised per token type (`kind`: "pooled",
+        "local" or "tiles"; see `genedml.heads.scaling`) when a scaler is set."""
         x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
-        if self.scaler is not None:
-            mean, std = self.scaler
-            x = (x - mean) / std
-        return x
+        if self.scaler is None:
+            return x
+        if kind == "pooled":
+            return self.scaler.pooled_vectors(x)
+        return self.scaler.local_tokens(x) if kind == "local" else self.scaler.tiles(x)
 
     def _slide(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         if s not in self._slides:
             if s not in self.feats.slide_tokens or s not in self.feats.slide_grid:
                 raise InputError(f"slide {self.feats.sample_ids[s]!r} has no slide-level tokens for the global scale")
-            tokens = self._tensor(self.feats.slide_tokens[s])
+            tokens = self._tensor(self.feats.slide_tokens[s], "pooled")
             grid = torch.from_numpy(np.asarray(self.feats.slide_grid[s], dtype=np.int64)).to(self.device)
             self._slides[s] = (tokens, grid)
         return self._slides[s]
@@ -91,10 +94,10 @@ class BatchMaker:
         neighbor = mask = None
         if feats.has_neighbor:  # gathered per batch from the shared tiles (features stay compact in memory)
             tiles, valid = feats.neighbors_of(index)
-            neighbor = self._tensor(tiles)
+            neighbor = self._tensor(tiles, "tiles")
             mask = torch.from_numpy(valid).to(self.device)
         return Batch(
-            local=self._tensor(local),
+            local=self._tensor(local, "local"),
             neighbor=neighbor,
             neighbor_mask=mask,
             slide_ids=tuple(int(s) for s in present),

@@ -3,17 +3,21 @@
 Features stay compact until a batch is made: the cache's dtype (float16 by default) and the neighbour scale
 as one table of tiles plus each spot's 25 indices into it (a lattice tile is shared by ≈ 7 spots), so
 memory grows with the cache, not with 25 × D floats per spot. `BatchMaker` gathers a batch's tiles.
+
+`StreamedSpots` is the same set of spots with the features left in the cache: slides are read when a batch
+needs them (`genedml fit --max-memory`). Heads take either; `slide_parts` walks both a slide at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from genedml.cache.schema import NEIGHBOR_TILES
 
-__all__ = ["NEIGHBOR_TILES", "SpotFeatures"]
+__all__ = ["NEIGHBOR_TILES", "SpotFeatures", "StreamedSpots", "slide_parts"]
 
 
 @dataclass
@@ -107,3 +111,54 @@ class SpotFeatures:
             slide_grid=self.slide_grid,
             slide_pos=self.slide_pos[index],
         )
+
+
+@dataclass
+class StreamedSpots:
+    """All spots of whole slides, with their features read from the cache only when needed.
+
+    Rows are the slides' spots concatenated in `sample_ids` order, exactly as `genedml.spots.load_spot_features`
+    lays them out, so targets and predictions line up with an in-memory `SpotFeatures` of the same slides.
+    `read(slides)` returns the in-memory features of those slide indices (ascending), whole.
+    """
+
+    slide: np.ndarray
+    sample_ids: list[str]
+    barcodes: np.ndarray
+    dim: int
+    read: Callable[[Sequence[int]], SpotFeatures]
+    feature_bytes: int = 0  # what `read` of every slide would hold in memory (for messages)
+
+    def __len__(self) -> int:
+        return len(self.barcodes)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(S + 1,) first row of each slide, then N."""
+        counts = np.bincount(self.slide, minlength=len(self.sample_ids))
+        return np.concatenate([[0], np.cumsum(counts)])
+
+    def load(self, slides: Sequence[int]) -> tuple[SpotFeatures, np.ndarray]:
+        """The features of `slides` and an (N,) map from rows of the whole set to rows of those features
+        (−1 for rows of other slides)."""
+        slides = sorted(int(s) for s in slides)
+        part = self.read(slides)
+        offsets, to_part, row = self.offsets, np.full(len(self), -1, np.int64), 0
+        for s in slides:
+            n = offsets[s + 1] - offsets[s]
+            to_part[offsets[s] : offsets[s + 1]] = np.arange(row, row + n)
+            row += n
+        if row != len(part):
+            raise ValueError(f"slides {slides} hold {row} spots in the index but {len(part)} in the cache")
+        return part, to_part
+
+
+def slide_parts(feats: SpotFeatures | StreamedSpots) -> Iterator[tuple[np.ndarray, SpotFeatures]]:
+    """(rows, features) of one slide at a time, in row order; rows index the whole set."""
+    for s in np.unique(feats.slide):
+        rows = np.flatnonzero(feats.slide == s)
+        if isinstance(feats, StreamedSpots):
+            part, _ = feats.load([int(s)])
+        else:
+            part = feats.take(rows)
+        yield rows, part

@@ -18,7 +18,7 @@ from torch import nn
 
 from genedml.errors import ConfigError
 from genedml.heads.batch import Batch
-from genedml.heads.features import SpotFeatures
+from genedml.heads.features import SpotFeatures, StreamedSpots
 from genedml.heads.layers import FusionEncoder, GlobalEncoder, NeighborEncoder, ProjectionHead, feed_forward
 from genedml.heads.losses import GroupForm, group_loss, instance_loss, regression_loss, triplex_loss
 from genedml.heads.training import NeuralHead, TrainSettings
@@ -43,6 +43,10 @@ class GeneDMLSettings(TrainSettings):
     triplex_alpha: float = 0.3
     triplex_detach_teacher: bool = True
     dim: int = 512  # width after the shared fc
+    # 0 = the scale encoders run at the backbone width D, as the reference model. N > 0: a shared Linear(D → N)
+    # first, so the neighbour and global encoders (and their activations, the bulk of a step's memory and
+    # time at D = 1,024–1,536) run at width N. A CPU / memory option; not the authors' model.
+    encoder_dim: int = 0
     neighbor_depth: int = 4
     neighbor_heads: int = 4
     neighbor_mlp_ratio: float = 4.0
@@ -91,6 +95,11 @@ class GeneDMLSettings(TrainSettings):
         for name in ("neighbor_dropout", "global_dropout", "fusion_dropout", "gene_dropout", "gene_ff_dropout", "regression_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"head setting {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if isinstance(self.encoder_dim, bool) or not isinstance(self.encoder_dim, int) or self.encoder_dim < 0:
+            raise ConfigError(f"head setting encoder_dim must be an integer >= 0 (0 = the backbone width), got {self.encoder_dim!r}")
+        for name in ("neighbor_heads", "global_heads"):
+            if self.encoder_dim and self.encoder_dim % getattr(self, name):
+                raise ConfigError(f"encoder_dim {self.encoder_dim} is not divisible by {name} {getattr(self, name)}")
         if self.dim % self.fusion_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by fusion_heads {self.fusion_heads}")
 
@@ -114,7 +123,10 @@ class GeneDMLModel(nn.Module):
     def __init__(self, cfg: GeneDMLSettings, in_dim: int, n_genes: int) -> None:
         super().__init__()
         self.cfg = cfg
-        d, e, g = in_dim, cfg.dim, n_genes
+        e, g = cfg.dim, n_genes
+        # Optional shared projection before the scale encoders (encoder_dim); identity at the reference width.
+        self.input_proj = nn.Linear(in_dim, cfg.encoder_dim) if cfg.encoder_dim else nn.Identity()
+        d = cfg.encoder_dim or in_dim
         if "neighbor" in cfg.scales:
             self.neighbor_encoder = NeighborEncoder(
                 d, cfg.neighbor_depth, cfg.neighbor_heads, cfg.neighbor_mlp_ratio, cfg.neighbor_dropout
@@ -161,11 +173,11 @@ class GeneDMLModel(nn.Module):
             key = batch.slide_ids[i] if batch.slide_ids else None
             if self._global_cache is not None and key is not None and not self.training:
                 if key not in self._global_cache:
-                    self._global_cache[key] = self.global_encoder(tokens, grid)
+                    self._global_cache[key] = self.global_encoder(self.input_proj(tokens), grid)
                 encoded.append(self._global_cache[key])
             else:
-                encoded.append(self.global_encoder(tokens, grid))
-        out = batch.local.new_empty(len(batch), batch.local.shape[-1])
+                encoded.append(self.global_encoder(self.input_proj(tokens), grid))
+        out = encoded[0].new_empty(len(batch), encoded[0].shape[-1])
         for i, enc in enumerate(encoded):
             rows = torch.nonzero(batch.slot == i).squeeze(1)
             out = out.index_copy(0, rows, enc[batch.slide_pos[rows]])
@@ -175,11 +187,11 @@ class GeneDMLModel(nn.Module):
         """Per scale: tokens after fc (B, L, E) and their validity (B, L)."""
         out = {}
         if "local" in self.cfg.scales:
-            tokens = self.fc(batch.local)
+            tokens = self.fc(self.input_proj(batch.local))
             out["local"] = (tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
         if "neighbor" in self.cfg.scales:
             valid = batch.neighbor_mask
-            tokens = self.fc(self.neighbor_encoder(batch.neighbor, valid))
+            tokens = self.fc(self.neighbor_encoder(self.input_proj(batch.neighbor), valid))
             if valid is None:
                 valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             out["neighbor"] = (tokens, valid)
@@ -309,7 +321,7 @@ class GeneDMLHead(NeuralHead):
         if not self.settings.group:
             return None
         model = self._model()
-        if isinstance(feats_or_y, SpotFeatures):
+        if isinstance(feats_or_y, (SpotFeatures, StreamedSpots)):
             return self._batches(feats_or_y, lambda b: model.cluster_space_of(model(b)["f"]))
         model.eval()
         with torch.no_grad():

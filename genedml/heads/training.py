@@ -23,12 +23,16 @@ from torch import nn
 from genedml.errors import ConfigError, ModelDirError
 from genedml.heads.base import FORMAT_VERSION, WEIGHTS, Head, Progress, check_targets, read_saved, write_head_json
 from genedml.heads.batch import Batch, BatchMaker
-from genedml.heads.features import SpotFeatures
+from genedml.heads.features import SpotFeatures, StreamedSpots, slide_parts
+from genedml.heads.scaling import TOKEN_TYPES, FeatureScaler, token_moments
 from genedml.log import log
 from genedml.metrics import mean_gene_pcc
 
 
 TARGET_SCALINGS = ("standardize", "center", "none")
+# State-dict buffer prefixes of the feature statistics, one per token type (genedml.heads.scaling.TOKEN_TYPES).
+# Models saved by 0.2.0 hold only `input_*` (one set for every type); loading fills the others from it.
+SCALER_BUFFERS = ("input", "patch", "tile")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -165,25 +169,30 @@ class NeuralHead(Head):
             raise ModelDirError(f"the {self.name} head is not fitted: call fit() or load() first")
         return self.model
 
-    def _batches(self, feats: SpotFeatures, fn: Any) -> np.ndarray:
-        """Apply fn(batch) over feats in eval mode, in order, and stack the numpy results."""
+    def _batches(self, feats: SpotFeatures | StreamedSpots, fn: Any) -> np.ndarray:
+        """Apply fn(batch) over feats in eval mode, in order, and stack the numpy results.
+
+        Streamed features are read and evaluated one slide at a time (rows are in slide order)."""
         model = self._model()
         model.eval()
-        maker = BatchMaker(feats, self.device, self.needs_neighbor(), self._scaler())
         size = self.settings.eval_batch_size
         reuse = getattr(model, "reuse_global_tokens", contextlib.nullcontext)
-        with torch.no_grad(), reuse():
-            parts = [fn(maker.make(np.arange(i, min(i + size, len(feats))))).float().cpu().numpy()
-                     for i in range(0, len(feats), size)]
+        groups = slide_parts(feats) if isinstance(feats, StreamedSpots) else [(np.arange(len(feats)), feats)]
+        parts = []
+        for _, group in groups:
+            maker = BatchMaker(group, self.device, self.needs_neighbor(), self._scaler())
+            with torch.no_grad(), reuse():  # per group: slide indices restart in each streamed part
+                parts += [fn(maker.make(np.arange(i, min(i + size, len(group))))).float().cpu().numpy()
+                          for i in range(0, len(group), size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
-    def predict(self, feats: SpotFeatures) -> np.ndarray:
+    def predict(self, feats: SpotFeatures | StreamedSpots) -> np.ndarray:
         """Predictions in the targets' scale (the model works on scaled targets; see `target_scaling`)."""
         model = self._model()
         scaled = self._batches(feats, self.predict_batch)
         return (scaled * model.target_std.cpu().numpy() + model.target_mean.cpu().numpy()).astype(np.float32)
 
-    def validation_pcc(self, val: SpotFeatures, y_val: np.ndarray) -> float:
+    def validation_pcc(self, val: SpotFeatures | StreamedSpots, y_val: np.ndarray) -> float:
         """Mean over validation slides of the slide's mean per-gene PCC (the authors' selection metric)."""
         pred = self.predict(val)
         per_slide = [mean_gene_pcc(pred[val.slide == s], y_val[val.slide == s]) for s in np.unique(val.slide)]
@@ -198,14 +207,18 @@ class NeuralHead(Head):
 
     def fit(
         self,
-        train: SpotFeatures,
+        train: SpotFeatures | StreamedSpots,
         y_train: np.ndarray,
-        val: SpotFeatures | None = None,
+        val: SpotFeatures | StreamedSpots | None = None,
         y_val: np.ndarray | None = None,
         *,
         progress: Progress | None = None,
     ) -> Self:
+        """Train; `StreamedSpots` are read a slide group at a time (needs `batch_slides` >= 1), with the same
+        batches, views and statistics as the in-memory features, so both give the same model for a seed."""
         cfg = self.settings
+        if isinstance(train, StreamedSpots) and cfg.batch_slides < 1:
+            raise ConfigError("training from streamed features needs slide-aware batches: set batch_slides >= 1")
         y_train = check_targets(train, y_train)
         if val is not None:
             y_val = check_targets(val, y_val, "validation")
@@ -221,13 +234,13 @@ class NeuralHead(Head):
             amp = cfg.autocast_dtype(device)
             grad_scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
             generator = torch.Generator().manual_seed(cfg.seed)
-            maker = BatchMaker(train, device, self.needs_neighbor(), self._scaler())
+            maker = None if isinstance(train, StreamedSpots) else BatchMaker(train, device, self.needs_neighbor(), self._scaler())
             targets = self.scale_targets(y_train)
             passes = self.passes_per_epoch(len(train))
             epochs: list[dict[str, Any]] = []
             best = {"epoch": -1, "pcc": -np.inf, "state": None}
             for epoch in range(cfg.epochs):
-                parts, steps_per_epoch = self._train_epoch(maker, targets, optimizer, generator, passes, amp, grad_scaler)
+                parts, steps_per_epoch = self._train_epoch(train, maker, targets, optimizer, generator, passes, amp, grad_scaler)
                 if epoch == 0:
                     self._warn_if_long(time.perf_counter() - start, device)
                 scheduler.step()
@@ -282,29 +295,33 @@ class NeuralHead(Head):
         return model
 
     @staticmethod
-    def _with_scaler(model: nn.Module, train: SpotFeatures) -> nn.Module:
-        """Per-dimension standardisation of backbone features, fitted on the training spots' pooled tokens.
+    def _with_scaler(model: nn.Module, train: SpotFeatures | StreamedSpots) -> nn.Module:
+        """Per-dimension standardisation of backbone features, one set of statistics per token type
+        (`genedml.heads.scaling`), fitted on the training spots slide by slide.
 
         Foundation-model features are roughly centred, but others (CNN activations, colour statistics) differ
         by orders of magnitude between dimensions; the statistics live in the state dict so they are saved.
         """
-        pooled = torch.from_numpy(np.asarray(train.local[:, 0, :], dtype=np.float64))
-        mean, std = pooled.mean(0), pooled.std(0)
-        std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant dims
-        model.register_buffer("input_mean", mean.float())
-        model.register_buffer("input_std", std.float())
+        moments = token_moments(part for _, part in slide_parts(train))
+        pooled = moments["pooled"].mean_std()
+        for kind, prefix in zip(TOKEN_TYPES, SCALER_BUFFERS):
+            mean, std = moments[kind].mean_std() if kind in moments else pooled
+            model.register_buffer(f"{prefix}_mean", mean)
+            model.register_buffer(f"{prefix}_std", std)
         return model
 
-    def _scaler(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scaler(self) -> FeatureScaler:
         model = self._model()
-        return model.input_mean, model.input_std
+        pooled, patch, tile = ((getattr(model, f"{p}_mean"), getattr(model, f"{p}_std")) for p in SCALER_BUFFERS)
+        return FeatureScaler(pooled=pooled, patch=patch, tile=tile)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self._model().state_dict().items()}
 
     def _train_epoch(
         self,
-        maker: BatchMaker,
+        train: SpotFeatures | StreamedSpots,
+        maker: BatchMaker | None,
         targets: torch.Tensor,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
@@ -313,30 +330,57 @@ class NeuralHead(Head):
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> tuple[dict[str, float], int]:
         """One epoch: mean loss parts over its spots, and the optimiser steps it took (slide-aware batches
-        can make an epoch a step or two longer than spots / batch size)."""
+        can make an epoch a step or two longer than spots / batch size). `maker` is None for streamed
+        features: each group of consecutive batches that share slides is read, trained on, and dropped."""
         model = self._model()
         model.train()
         sums: dict[str, float] = {}
         seen = steps = 0
         for _ in range(passes):
-            for index in batch_order(maker.feats.slide, self.settings.batch_size, self.settings.batch_slides, generator):
-                batch = maker.make(index, generator)
-                with torch.autocast(targets.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, parts = self.batch_loss(batch, targets[torch.from_numpy(index).to(targets.device)])
-                optimizer.zero_grad(set_to_none=True)
-                if grad_scaler is not None and grad_scaler.is_enabled():
-                    grad_scaler.scale(loss).backward()
-                    grad_scaler.step(optimizer)
-                    grad_scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                parts = {"loss": float(loss.detach()), **parts}
-                for name, value in parts.items():
-                    sums[name] = sums.get(name, 0.0) + value * len(index)
-                seen += len(index)
-                steps += 1
+            order = batch_order(train.slide, self.settings.batch_size, self.settings.batch_slides, generator)
+            for group_maker, to_rows, batches in self._batch_groups(train, maker, order):
+                for index in batches:
+                    batch = group_maker.make(to_rows[index], generator)
+                    with torch.autocast(targets.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        loss, parts = self.batch_loss(batch, targets[torch.from_numpy(index).to(targets.device)])
+                    optimizer.zero_grad(set_to_none=True)
+                    if grad_scaler is not None and grad_scaler.is_enabled():
+                        grad_scaler.scale(loss).backward()
+                        grad_scaler.step(optimizer)
+                        grad_scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    parts = {"loss": float(loss.detach()), **parts}
+                    for name, value in parts.items():
+                        sums[name] = sums.get(name, 0.0) + value * len(index)
+                    seen += len(index)
+                    steps += 1
         return {name: total / seen for name, total in sums.items()}, steps
+
+    def _batch_groups(
+        self, train: SpotFeatures | StreamedSpots, maker: BatchMaker | None, order: list[np.ndarray]
+    ) -> Iterator[tuple[BatchMaker, np.ndarray, list[np.ndarray]]]:
+        """(batch maker, row map, batches) per run of consecutive batches within `batch_slides` slides.
+
+        In memory there is one run (the maker holds every slide, rows map to themselves); streamed, each run
+        of `batch_order`'s slide groups is read from the cache once and released before the next.
+        """
+        if maker is not None:
+            yield maker, np.arange(len(train)), order
+            return
+        limit = max(1, self.settings.batch_slides)
+        run: list[np.ndarray] = []
+        slides: set[int] = set()
+        for index in order + [None]:
+            batch_slides = set() if index is None else set(np.unique(train.slide[index]).tolist())
+            if run and (index is None or len(slides | batch_slides) > limit):
+                part, to_part = train.load(sorted(slides))
+                yield BatchMaker(part, self.device, self.needs_neighbor(), self._scaler()), to_part, run
+                run, slides = [], set()
+            if index is not None:
+                run.append(index)
+                slides |= batch_slides
 
     # -- persistence ----------------------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Any]:
@@ -357,15 +401,21 @@ class NeuralHead(Head):
         head = cls(cls.settings_from(config))
         head.restore_fitted(fitted)
         model = head.build(head.in_dim_, head.n_genes_)
-        model.register_buffer("input_mean", torch.zeros(head.in_dim_))
-        model.register_buffer("input_std", torch.ones(head.in_dim_))
+        for prefix in SCALER_BUFFERS:
+            model.register_buffer(f"{prefix}_mean", torch.zeros(head.in_dim_))
+            model.register_buffer(f"{prefix}_std", torch.ones(head.in_dim_))
         model.register_buffer("target_mean", torch.zeros(head.n_genes_))
         model.register_buffer("target_std", torch.ones(head.n_genes_))
         if int(fitted.get("format_version", FORMAT_VERSION)) < FORMAT_VERSION:
             raise ModelDirError(f"{directory} holds a {cls.name} head saved by genedml 0.1, whose layers differ from "
                                 "this version's (exact reference layers): refit it with `genedml fit`")
         try:
-            model.load_state_dict(load_file(str(weights)))
+            state = load_file(str(weights))
+            for prefix in SCALER_BUFFERS[1:]:  # saved by 0.2.0: one set of statistics for every token type
+                for stat in ("mean", "std"):
+                    if f"input_{stat}" in state:
+                        state.setdefault(f"{prefix}_{stat}", state[f"input_{stat}"])
+            model.load_state_dict(state)
         except RuntimeError as err:
             raise ModelDirError(f"{weights} does not match the head config in {directory}: {err}") from err
         head.model = model.to(head.settings.torch_device())
