@@ -34,9 +34,14 @@ SPOT_DIAMETER_SOURCE = "half the spot pitch (ST: 100 µm spots at 200 µm; Visiu
 def thumbnail(image: RegionReader, max_side: int = HIRES_SIDE) -> tuple[np.ndarray, float]:
     """A downsampled RGB view (long side ≤ `max_side`) and its scale (thumbnail px per level-0 px).
 
-    Every `step`-th pixel, read in blocks of at most READ_BLOCK² level-0 pixels so memory stays bounded on a
-    whole-slide image. (A lazy TIFF is still decoded tile by tile over all of level 0.)
+    A reader with a `thumbnail(max_side)` method makes it cheaply (a JPEG decoded at reduced scale, a pyramid
+    level, OpenSlide's thumbnail); otherwise every `step`-th pixel is read in blocks of at most READ_BLOCK²
+    level-0 pixels, so memory stays bounded on a whole-slide image without a pyramid.
     """
+    cheap = getattr(image, "thumbnail", None)
+    made = cheap(max_side) if callable(cheap) else None
+    if made is not None:
+        return made
     step = max(1, int(np.ceil(max(image.width, image.height) / max_side)))
     block = step * max(1, READ_BLOCK // step)  # a multiple of step, so blocks join without a seam
     rows = []

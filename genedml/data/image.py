@@ -140,6 +140,29 @@ class PillowImage:
         with self._lock:
             self._pixels = None
 
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """RGB shrunk by the integer step that brings the long side to ≤ `max_side`, and its scale (1/step).
+
+        Never holds the full image as RGB: a JPEG is decoded at 1/2–1/8 scale (libjpeg's DCT scaling) and a
+        PNG is box-filtered straight from its decoded form (once the size of the file's pixels, not 3×).
+        """
+        from PIL import Image
+
+        step = max(1, -(-max(self.width, self.height) // max_side))
+        size = (-(-self.width // step), -(-self.height // step))
+        try:
+            with Image.open(self.path) as im:
+                im.draft("RGB", size)  # JPEG only; a no-op for other formats
+                if im.mode in ("1", "P"):  # bilevel/palette: shrink first (nearest), then convert the small image
+                    small = im.resize(size, Image.Resampling.NEAREST)
+                elif im.mode in ("RGB", "RGBA", "L", "LA"):
+                    small = im.resize(size, Image.Resampling.BOX)
+                else:  # 16-bit, CMYK…: rare; converted at full size
+                    small = im.convert("RGB").resize(size, Image.Resampling.BOX)
+        except OSError as exc:
+            raise ImageError(f"Cannot decode image {self.path}: {exc}. The file may be truncated or corrupt.") from exc
+        return _as_rgb(np.asarray(small.convert("RGB")), self.path), 1.0 / step
+
     def read_region(self, x: int, y: int, w: int, h: int) -> Region:
         pixels = self.decode()
         return padded_region(x, y, w, h, self.width, self.height, lambda x0, y0, x1, y1: pixels[y0:y1, x0:x1])

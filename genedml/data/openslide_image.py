@@ -97,6 +97,14 @@ class OpenSlideImage:
     def read_region(self, x: int, y: int, w: int, h: int) -> Region:
         return padded_region(x, y, w, h, self.width, self.height, self._fetch)
 
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """OpenSlide's thumbnail (from the best pyramid level, long side ≤ `max_side`) and its scale."""
+        try:
+            thumb = self._handle().get_thumbnail((max_side, max_side))
+        except self._openslide.OpenSlideError as exc:
+            raise ImageError(f"Cannot read a thumbnail of {self.path}: {exc}. The file may be truncated or corrupt.") from exc
+        return composite_on_white(np.asarray(thumb.convert("RGBA"))), thumb.width / self.width
+
     def release(self) -> None:
         """Close the handle (and OpenSlide's tile cache); the next read reopens it."""
         with self._lock:

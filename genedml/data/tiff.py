@@ -147,6 +147,26 @@ class TiffImage:
     def read_region(self, x: int, y: int, w: int, h: int) -> Region:
         return padded_region(x, y, w, h, self.width, self.height, self._fetch)
 
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float] | None:
+        """RGB from the smallest pyramid level whose long side is ≥ `max_side`, subsampled to ≤ `max_side`,
+        and its scale (thumbnail px per level-0 px); None without such a level (the caller reads level 0)."""
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(self.path) as tiff:
+                levels = [(_size(self.axes, level.shape, self.path), level) for level in tiff.series[0].levels[1:]]
+                usable = [(hw, level) for hw, level in levels if max(hw) >= max_side]
+                if not usable:
+                    return None
+                (height, width), level = min(usable, key=lambda item: item[0][0] * item[0][1])
+                block = level.asarray()
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as exc:
+            raise ImageError(f"Cannot read the pyramid of {self.path}: {exc}. The file may be truncated or corrupt.") from exc
+        if self.axes in _PLANAR:
+            block = np.moveaxis(block, 0, -1)
+        step = max(1, -(-max(height, width) // max_side))
+        return _as_rgb(block[::step, ::step], self.path), (width / self.width) / step
+
     def release(self) -> None:
         """Drop the cached tiles (extraction calls this after each sample to bound memory)."""
         self._tiles.clear()
