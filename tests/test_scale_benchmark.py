@@ -31,7 +31,7 @@ def load_scale():
 def test_scale_benchmark_writes_its_contract_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--spots", "900", "--dim", "64", "--spots-per-slide", "300",
-           "--batch-slides", "1", "--no-startup", "--out", str(out)]
+           "--batch-slides", "1", "--encoder-dim", "16", "--max-memory", "1MB", "--no-startup", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -47,6 +47,9 @@ def test_scale_benchmark_writes_its_contract_at_a_tiny_size(tmp_path: Path) -> N
     assert np.isfinite(record["fit_train_loss"])
     assert record["predict_spots_per_second"] > 0
     assert "batch_slides=1" in record["fit_command"] and "--retrieve-k 50" in record["predict_command"]
+    # ≈ 1.3 MB of features against --max-memory 1MB: read from the cache slide by slide
+    assert record["fit_features_streamed"] and "encoder_dim=16" in record["fit_command"]
+    assert record["targets"]["fit_peak_rss_max_bytes"] == 10**6 + 2 * 10**9
     assert record["command"].startswith("python benchmarks/scale.py --spots 900 --dim 64")
     assert record["machine"]["cores"] >= 1 and record["machine"]["ram_bytes"] > 0 and record["date"]
     assert len(record["genedml_commit"].split("-")[0]) == 40
