@@ -320,11 +320,26 @@ def test_ridge_matches_sklearn_pipeline(fitted: dict, data: dict[str, Any]) -> N
     x = data["train"].local[:, 0].astype(np.float64)
     n_comp = min(256, *x.shape)
     alpha = 100 / (n_comp * data["y_train"].shape[1])
-    pipe = make_pipeline(StandardScaler(), PCA(n_comp, svd_solver="full"), Ridge(alpha=alpha, fit_intercept=False))
+    pipe = make_pipeline(StandardScaler(), PCA(n_comp, svd_solver="full"), Ridge(alpha=alpha))
     pipe.fit(x, data["y_train"])
     expected = pipe.predict(data["val"].local[:, 0].astype(np.float64))
     np.testing.assert_allclose(fitted["ridge"].predict(data["val"]), expected, rtol=1e-4, atol=1e-4)
     assert fitted["ridge"].history_["alpha"] == pytest.approx(alpha)
+    # HEST's probe (no intercept) differs only by the training mean: the same PCC, centred predictions.
+    hest = make_head("ridge", {"fit_intercept": False}).fit(data["train"], data["y_train"])
+    shift = fitted["ridge"].predict(data["val"]) - hest.predict(data["val"])
+    np.testing.assert_allclose(shift, np.broadcast_to(data["y_train"].mean(0), shift.shape), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ridge", "ridge-cv"])
+def test_ridge_predictions_are_at_the_level_of_the_targets(name: str) -> None:
+    """0.2 wrote ridge predictions centred on 0 (no intercept) while the targets sit at log1p ≈ 3: MSE 10×."""
+    feats, y = synthetic()
+    y = y + 3.0
+    head = make_head(name, {}).fit(feats, y)
+    pred = head.predict(feats)
+    assert abs(pred.mean() - y.mean()) < 0.05 * abs(y.mean())
+    assert ((pred - y) ** 2).mean() < ((y - y.mean(0)) ** 2).mean()  # better than the training mean
 
 
 def test_ridge_cv_tunes_alpha_over_slides(fitted: dict) -> None:

@@ -42,6 +42,7 @@ HEST_TASKS = {"IDC": "IDC", "PRAD": "PRAD", "PAAD": "PAAD", "SKCM": "SKCM", "COA
 HEST_PATCH_PX, HEST_MPP = 224, 0.5  # HEST's patches: 224 px at 0.5 µm/px (112 µm)
 HEST_GENE_LIST = "var_50genes.json"
 NEURAL_HEADS = {"genedml", "triplex", "bleep"}
+HEST_PROBE = {"fit_intercept": False}  # HEST's Ridge has no intercept (the same PCC; predictions centred on 0)
 
 
 @dataclass
@@ -215,7 +216,7 @@ def fit_predict(model: str, settings: HestBenchSettings, cache: FeatureCache, ta
     val, y_val, _ = load_rows(cache, task_dir, val_rows, genes) if val_rows else (None, None, {})
     test, y_test, lost_test = load_rows(cache, task_dir, list(split.test), genes)
     shared = {**settings.head, "epochs": settings.epochs, "seed": settings.seed}
-    head = make_head(model, head_settings(model, {}, shared=shared))
+    head = make_head(model, head_settings(model, HEST_PROBE if model == "ridge" else {}, shared=shared))
     start = time.perf_counter()
     head.fit(train, y_train, val, y_val)
     facts = {
@@ -231,7 +232,7 @@ def run_hest_bench(bench_dir: str | Path, cache_dir: str | Path, out: str | Path
     from genedml.heads.registry import head_settings
 
     for model in settings.models:  # every setting is checked before any work starts
-        head_settings(model, {}, shared={**settings.head, "epochs": settings.epochs, "seed": settings.seed})
+        head_settings(model, HEST_PROBE if model == "ridge" else {}, shared={**settings.head, "epochs": settings.epochs, "seed": settings.seed})
     cache = FeatureCache(cache_dir)
     backbone = str(cache.settings.get("backbone"))
     if settings.backbone and settings.backbone != backbone:
