@@ -383,3 +383,15 @@ def test_encoder_dim_projects_before_the_scale_encoders(data: dict[str, Any]) ->
     for bad in (-1, 1.5, True, 3):  # 3: not divisible by the 2 heads of SMALL
         with pytest.raises(ConfigError, match="encoder_dim"):
             make_head("genedml", {**SMALL, "encoder_dim": bad})
+
+
+def test_the_long_fit_warning_suggests_only_the_cpu_sizes_not_in_use(caplog: pytest.LogCaptureFixture) -> None:
+    from genedml.heads.training import CPU_SIZES
+
+    with caplog.at_level("WARNING", logger="genedml"):
+        make_head("genedml", {})._warn_if_long(60.0, torch.device("cpu"))
+    assert "--head-option dim=128" in caplog.text and "neighbor_depth=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genedml"):
+        make_head("genedml", CPU_SIZES)._warn_if_long(60.0, torch.device("cpu"))
+    assert "may take up to" in caplog.text and "--head-option" not in caplog.text  # 0.2 repeated the sizes in use

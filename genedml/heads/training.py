@@ -30,6 +30,8 @@ from genedml.metrics import mean_gene_pcc
 
 
 TARGET_SCALINGS = ("standardize", "center", "none")
+# Encoder sizes that make the multi-scale heads practical on a CPU (README "Sizes and time"; benchmarks use them).
+CPU_SIZES = {"dim": 128, "neighbor_depth": 1, "neighbor_mlp_ratio": 1.0, "global_depth": 2, "global_mlp_ratio": 1.0}
 # State-dict buffer prefixes of the feature statistics, one per token type (genedml.heads.scaling.TOKEN_TYPES).
 # Models saved by 0.2.0 hold only `input_*` (one set for every type); loading fills the others from it.
 SCALER_BUFFERS = ("input", "patch", "tile")
@@ -273,9 +275,10 @@ class NeuralHead(Head):
         """After the first epoch: say how long the whole fit may take when that is more than half an hour."""
         worst = first_epoch_seconds * self.settings.epochs
         if worst > 1800:
-            hint = (" On a CPU, smaller encoders are much faster, e.g. --head-option dim=128 --head-option "
-                    "neighbor_depth=1 --head-option neighbor_mlp_ratio=1.0 --head-option global_depth=2 "
-                    "--head-option global_mlp_ratio=1.0." if device.type == "cpu" else "")
+            # Suggest only the CPU sizes this run does not already use (the hint is noise otherwise).
+            larger = {k: v for k, v in CPU_SIZES.items() if getattr(self.settings, k, v) > v}
+            hint = (" On a CPU, smaller encoders are much faster, e.g. " + " ".join(f"--head-option {k}={v}" for k, v in larger.items())
+                    + "." if device.type == "cpu" and larger else "")
             log.warning("%s: the first epoch took %.0f s; up to %d epochs (early stopping usually ends sooner) may "
                         "take up to %.1f h.%s", self.name, first_epoch_seconds, self.settings.epochs, worst / 3600, hint)
 
