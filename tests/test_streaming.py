@@ -149,3 +149,16 @@ def test_fit_streams_over_max_memory_and_says_so(cache, samples, tmp_path, caplo
     assert result.history["epochs"][0]["loss"] == in_memory.history["epochs"][0]["loss"]
     with pytest.raises(InputError, match="needs them all in memory"):
         fit_model(cache, None, tmp_path / "ridge", FitSettings(model="ridge", genes=8, max_memory=need // 2), samples=by_id)
+
+
+def test_a_long_epoch_reports_its_steps(cache, caplog, monkeypatch) -> None:
+    import genedml.heads.training as training
+
+    monkeypatch.setattr(training, "STEP_REPORT_SECONDS", 0.0)
+    feats = load_spot_features(cache, cache.samples())
+    with caplog.at_level("INFO", logger="genedml"):
+        GeneDMLHead(GeneDMLSettings(**{**TINY, "epochs": 1})).fit(feats, _targets(len(feats)))
+    lines = [r.getMessage() for r in caplog.records if "of this epoch" in r.getMessage()]
+    assert lines and lines[-1].startswith("genedml: step ") and "/" in lines[-1]
+    done, expected = lines[-1].split("step ")[1].split(" of")[0].split("/")
+    assert done == expected  # the count announced is the count taken

@@ -30,6 +30,7 @@ from genedml.metrics import mean_gene_pcc
 
 
 TARGET_SCALINGS = ("standardize", "center", "none")
+STEP_REPORT_SECONDS = 60.0  # within an epoch longer than this, a progress line per interval
 # Encoder sizes that make the multi-scale heads practical on a CPU (README "Sizes and time"; benchmarks use them).
 CPU_SIZES = {"dim": 128, "neighbor_depth": 1, "neighbor_mlp_ratio": 1.0, "global_depth": 2, "global_mlp_ratio": 1.0}
 # State-dict buffer prefixes of the feature statistics, one per token type (genedml.heads.scaling.TOKEN_TYPES).
@@ -339,8 +340,10 @@ class NeuralHead(Head):
         model.train()
         sums: dict[str, float] = {}
         seen = steps = 0
-        for _ in range(passes):
+        start = last_report = time.perf_counter()
+        for done_passes in range(passes):
             order = batch_order(train.slide, self.settings.batch_size, self.settings.batch_slides, generator)
+            expected = steps + len(order) * (passes - done_passes)
             for group_maker, to_rows, batches in self._batch_groups(train, maker, order):
                 for index in batches:
                     batch = group_maker.make(to_rows[index], generator)
@@ -359,6 +362,10 @@ class NeuralHead(Head):
                         sums[name] = sums.get(name, 0.0) + value * len(index)
                     seen += len(index)
                     steps += 1
+                    if time.perf_counter() - last_report > STEP_REPORT_SECONDS:  # long epochs (cohorts) say where they are
+                        last_report = time.perf_counter()
+                        log.info("%s: step %d/%d of this epoch, %.0f s, loss %.3f", self.name, steps, expected,
+                                 last_report - start, parts["loss"])
         return {name: total / seen for name, total in sums.items()}, steps
 
     def _batch_groups(
