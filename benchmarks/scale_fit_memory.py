@@ -68,13 +68,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="training steps to run (the epoch is cut after them)")
     ap.add_argument("--batch-slides", type=int, default=1)
     ap.add_argument("--spots-per-slide", type=int, default=4000)
+    ap.add_argument("--encoder-dim", type=int, default=0, help="head setting encoder_dim (0 = the backbone width)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     monitor, log = RssMonitor(), []
 
     import genedml.data
     import genedml.fit as fit
-    import genedml.spots as spots
     from genedml.heads import training
 
     work = args.out / "work"
@@ -84,7 +84,7 @@ def main() -> None:
     monitor.stage = "start"
     baseline = monitor.rss()
     monitor.wrap(genedml.data, "read_samples", "read counts (h5ad)", log)
-    monitor.wrap(spots, "load_spot_features", "read cached slides into the assembled arrays", log)
+    monitor.wrap(fit, "load_spot_features", "read cached slides into the assembled arrays", log)  # fit imports it by name
     monitor.wrap(fit, "write_bank", "reference bank", log)
     first_batches = training.batch_order
 
@@ -95,30 +95,36 @@ def main() -> None:
     step_log: list = []
     loss = training.NeuralHead._train_epoch
 
-    def timed_epoch(self, maker, *a, **k):
-        make = maker.make
+    make = training.BatchMaker.make
 
-        def make_step(index, generator=None):
-            if step_log:
-                step_log[-1].update(seconds=round(time.perf_counter() - step_log[-1].pop("t"), 2), peak_bytes=monitor.peaks.get(monitor.stage, 0))
-            monitor.stage = f"step {len(step_log) + 1}"
-            step_log.append({"step": len(step_log) + 1, "rss_before_bytes": monitor.rss(), "t": time.perf_counter()})
-            return make(index, generator)
+    def make_step(maker, index, generator=None):
+        if step_log:
+            step_log[-1].update(seconds=round(time.perf_counter() - step_log[-1].pop("t"), 2), peak_bytes=monitor.peaks.get(monitor.stage, 0))
+        monitor.stage = f"step {len(step_log) + 1}"
+        step_log.append({"step": len(step_log) + 1, "rss_before_bytes": monitor.rss(), "t": time.perf_counter()})
+        return make(maker, index, generator)
 
-        maker.make = make_step
-        out = loss(self, maker, *a, **k)
+    def timed_epoch(self, *a, **k):
+        # Every batch of the epoch, in memory or streamed, goes through BatchMaker.make: time and stage each one.
+        training.BatchMaker.make = make_step
+        try:
+            out = loss(self, *a, **k)
+        finally:
+            training.BatchMaker.make = make
         step_log[-1].update(seconds=round(time.perf_counter() - step_log[-1].pop("t"), 2), peak_bytes=monitor.peaks.get(monitor.stage, 0))
         monitor.stage = "after training"
         return out
 
     training.NeuralHead._train_epoch = timed_epoch
     settings = fit.FitSettings(model="genedml", val_fraction=0.0, seed=0,
-                               head={**scale.FIT_HEAD, "epochs": 1, "batch_size": 512, "batch_slides": args.batch_slides})
+                               head={**scale.FIT_HEAD, "epochs": 1, "batch_size": 512, "batch_slides": args.batch_slides,
+                                     "encoder_dim": args.encoder_dim})
     start = time.perf_counter()
     fit.fit_model(built["cache"], built["data"], work / "model", settings)
     cache_bytes = scale.tree_bytes(built["cache"])
     record = {
         "spots": args.spots, "dim": args.dim, "steps": args.steps, "batch_slides": args.batch_slides,
+        "spots_per_slide": args.spots_per_slide, "encoder_dim": args.encoder_dim,
         "command": " ".join(["python", "benchmarks/scale_fit_memory.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "genedml_commit": scale.git_commit(), "machine": scale.machine(),
         "cache_bytes": cache_bytes, "rss_before_fit_bytes": baseline, "fit_seconds": round(time.perf_counter() - start, 1),
