@@ -84,3 +84,18 @@ def test_synthetic_cohort_looks_like_an_extraction_and_carries_a_learnable_signa
     x, y = np.concatenate([x0, x1]), np.concatenate([y0, y1])
     ridge = np.linalg.solve(x.T @ x + 10 * np.eye(x.shape[1]), x.T @ y)
     assert mean_gene_pcc(x2 @ ridge, y2) > 0.4  # a held-out slide is predictable from its local features
+
+
+def test_the_memory_diagnostic_runs_and_attributes_its_stages(tmp_path: Path) -> None:
+    """scale_fit_memory.py wraps library internals; 0.3's streaming broke it silently until this test."""
+    out = tmp_path / "mem"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scale_fit_memory.py"), "--spots", "600", "--dim", "32",
+           "--spots-per-slide", "300", "--steps", "2", "--encoder-dim", "16", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    record = json.loads((out / "fit_memory.json").read_text())
+    assert [s["step"] for s in record["steps_log"]] == [1, 2] and all(s["peak_bytes"] > 0 for s in record["steps_log"])
+    stages = {s["stage"] for s in record["stages"]}
+    assert {"read counts (h5ad)", "read cached slides into the assembled arrays", "reference bank"} <= stages
+    assert record["encoder_dim"] == 16 and record["peak_bytes"] > record["rss_before_fit_bytes"] > 0
