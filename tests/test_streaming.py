@@ -162,3 +162,16 @@ def test_a_long_epoch_reports_its_steps(cache, caplog, monkeypatch) -> None:
     assert lines and lines[-1].startswith("genedml: step ") and "/" in lines[-1]
     done, expected = lines[-1].split("step ")[1].split(" of")[0].split("/")
     assert done == expected  # the count announced is the count taken
+
+
+def test_a_head_without_patch_tokens_or_neighbours_saves_and_loads(tmp_path, samples) -> None:
+    """0.3's first cut shared one tensor between the missing types' statistics: safetensors refused to save."""
+    root = tmp_path / "cache"
+    run_extraction(samples, load_backbone("tiny-cnn", random_init=True), root, ExtractSettings(scales=("local",)))
+    feats = load_spot_features(FeatureCache(root), FeatureCache(root).samples())
+    assert feats.local.shape[1] == 1 and not feats.has_neighbor
+    head = GeneDMLHead(GeneDMLSettings(**{**TINY, "epochs": 1}, scales=("local",))).fit(feats, _targets(len(feats)))
+    head.save(tmp_path / "head")
+    loaded = load_head(tmp_path / "head")
+    assert torch.equal(loaded.model.tile_mean, head.model.input_mean)
+    np.testing.assert_allclose(loaded.predict(feats), head.predict(feats), rtol=1e-6, atol=1e-6)

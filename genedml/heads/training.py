@@ -309,7 +309,9 @@ class NeuralHead(Head):
         moments = token_moments(part for _, part in slide_parts(train))
         pooled = moments["pooled"].mean_std()
         for kind, prefix in zip(TOKEN_TYPES, SCALER_BUFFERS):
-            mean, std = moments[kind].mean_std() if kind in moments else pooled
+            # A missing type (a `cls` cache, no neighbour scale) gets a copy of the pooled statistics: tensors
+            # that share memory cannot be saved as safetensors.
+            mean, std = moments[kind].mean_std() if kind in moments else (pooled[0].clone(), pooled[1].clone())
             model.register_buffer(f"{prefix}_mean", mean)
             model.register_buffer(f"{prefix}_std", std)
         return model
