@@ -93,7 +93,7 @@ def _run_demo(out: Path, data: str | Path | None, backbone: str, epochs: int, sm
     for model, fs in fit_settings.items():
         result = fit_model(cache, data, out / f"model_{model}", fs, read_kwargs=read_kwargs, overwrite=True)  # the demo's own output
         models[model] = result
-    runs = [("genedml (regression)", "genedml", None), ("genedml + retrieval (k=20)", "genedml", RetrievalSettings(k=20)), ("ridge (HEST probe)", "ridge", None)]
+    runs = [("genedml (regression)", "genedml", None), ("genedml + retrieval (k=20)", "genedml", RetrievalSettings(k=20)), ("ridge (HEST probe + intercept)", "ridge", None)]
     for label, model, retrieval in runs:
         tag = label.split(" ")[0] + ("_retrieval" if retrieval else "")
         predict_cache(out / f"model_{model}", cache, out / f"pred_{tag}", samples=[test], retrieval=retrieval)
@@ -123,8 +123,8 @@ Test sample {test} (PCC per gene, per slide then mean; random-init backbone):
 
 {table}
 
-MSE/MAE on the normalised log1p scale; the ridge probe follows the HEST protocol (no intercept), so only its PCC
-is comparable. HEG/HVG: the 50 most expressed / most variable panel genes on the training samples.
+MSE/MAE on the normalised log1p scale; the ridge probe is HEST's (scaler, PCA 256, ridge) with an intercept, so
+its predictions sit at the genes' level like the others. HEG/HVG: the 50 most expressed / most variable panel genes on the training samples.
 
 Figures: {out / 'eval_genedml'}/maps_{test}.png (measured vs predicted), pcc_distribution.png; training curve {out / 'model_genedml'}/curve.png
 Predictions (AnnData, open with scanpy): {out / 'pred_genedml'}/{test}.h5ad
