@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import genedml
-from genedml.data.image import RegionReader
+from genedml.data.image import RegionReader, thumbnail_step
 from genedml.errors import ImageError, ModelDirError
 from genedml.log import log
 
@@ -42,7 +42,7 @@ def thumbnail(image: RegionReader, max_side: int = HIRES_SIDE) -> tuple[np.ndarr
     made = cheap(max_side) if callable(cheap) else None
     if made is not None:
         return made
-    step = max(1, int(np.ceil(max(image.width, image.height) / max_side)))
+    step = thumbnail_step(image.width, image.height, max_side)
     block = step * max(1, READ_BLOCK // step)  # a multiple of step, so blocks join without a seam
     rows = []
     for y in range(0, image.height, block):

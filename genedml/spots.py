@@ -127,7 +127,6 @@ def stream_spot_features(cache: FeatureCache, sample_ids: Sequence[str], *, with
         barcodes=np.concatenate(barcodes),
         dim=int(dims.pop()),
         read=read,
-        feature_bytes=feature_bytes(cache, ids, with_aug=with_aug),
     )
 
 

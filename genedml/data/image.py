@@ -98,6 +98,11 @@ class ArrayImage:
         """Nothing to drop: the pixels are the image."""
 
 
+def thumbnail_step(width: int, height: int, max_side: int) -> int:
+    """The integer subsampling step that brings the long side of a width x height image to <= max_side."""
+    return max(1, -(-max(width, height) // max_side))
+
+
 class PillowImage:
     """JPEG/PNG: the header is read at open; the pixels are decoded once, on the first region read.
 
@@ -148,7 +153,7 @@ class PillowImage:
         """
         from PIL import Image
 
-        step = max(1, -(-max(self.width, self.height) // max_side))
+        step = thumbnail_step(self.width, self.height, max_side)
         size = (-(-self.width // step), -(-self.height // step))
         try:
             with Image.open(self.path) as im:

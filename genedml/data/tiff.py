@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from genedml.data.image import Region, _as_rgb, padded_region
+from genedml.data.image import Region, _as_rgb, padded_region, thumbnail_step
 from genedml.errors import ImageError
 
 # Axis layouts of tifffile series that hold one 2-D image (S = samples per pixel, C = channels).
@@ -164,7 +164,7 @@ class TiffImage:
             raise ImageError(f"Cannot read the pyramid of {self.path}: {exc}. The file may be truncated or corrupt.") from exc
         if self.axes in _PLANAR:
             block = np.moveaxis(block, 0, -1)
-        step = max(1, -(-max(height, width) // max_side))
+        step = thumbnail_step(width, height, max_side)
         return _as_rgb(block[::step, ::step], self.path), (width / self.width) / step
 
     def release(self) -> None:

@@ -127,7 +127,6 @@ class StreamedSpots:
     barcodes: np.ndarray
     dim: int
     read: Callable[[Sequence[int]], SpotFeatures]
-    feature_bytes: int = 0  # what `read` of every slide would hold in memory (for messages)
 
     def __len__(self) -> int:
         return len(self.barcodes)

@@ -80,11 +80,11 @@ def token_moments(parts: Iterable[SpotFeatures]) -> dict[str, Moments]:
 
 @dataclass
 class FeatureScaler:
-    """(mean, std) per token type on one device; a missing type falls back to the pooled statistics."""
+    """(mean, std) per token type on one device (a type the training set lacked holds the pooled statistics)."""
 
     pooled: tuple[torch.Tensor, torch.Tensor]
-    patch: tuple[torch.Tensor, torch.Tensor] | None = None
-    tile: tuple[torch.Tensor, torch.Tensor] | None = None
+    patch: tuple[torch.Tensor, torch.Tensor]
+    tile: tuple[torch.Tensor, torch.Tensor]
 
     @staticmethod
     def _apply(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -99,8 +99,8 @@ class FeatureScaler:
         """(B, T, D) local tokens: token 0 with the pooled statistics, tokens 1.. with the patch statistics."""
         if x.shape[1] == 1:
             return self._apply(x, self.pooled)
-        return torch.cat([self._apply(x[:, :1], self.pooled), self._apply(x[:, 1:], self.patch or self.pooled)], dim=1)
+        return torch.cat([self._apply(x[:, :1], self.pooled), self._apply(x[:, 1:], self.patch)], dim=1)
 
     def tiles(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 25, D) neighbour tiles."""
-        return self._apply(x, self.tile or self.pooled)
+        return self._apply(x, self.tile)
