@@ -1,8 +1,8 @@
 """How well compact local-token caches (cls, 2x2, 4x4) approximate the full token sequence (issue 11, part 2).
 
 From one `--local-tokens all` cache (CLS + every patch token of a ViT) the compact layouts are derived in
-memory with the extractor's own pooling (CLS, then the patch-token map adaptive-average-pooled to a k x k
-grid, row-major) and the `local_token_weights` the extractor would record. Four steps:
+memory with the extractor's own pooling (CLS, then the mean of each cell of a k x k partition of the
+patch-token map, row-major) and the `local_token_weights` the extractor would record. Four steps:
 
     # 0. the cache (random-init ViT-S/16; ≈ 10-20 min on 2 CPU cores)
     genedml extract ../shared/data/her2st --backbone timm:vit_small_patch16_224 --random-init \\
@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from genedml.backbones.token_cells import pool_cells
 from genedml.cache.schema import ARRAYS, LOCAL, LOCAL_AUG, as_strings
 from genedml.cache.store import FeatureCache
 from genedml.extract.runner import TOKEN_GRIDS, local_token_weights
@@ -62,8 +62,8 @@ def derive_local(local_all: np.ndarray, layout: str) -> np.ndarray:
     """The `layout` local tokens (N, 1 + k², D) from `all` tokens (N, 1 + h·w, D), as the extractor pools them.
 
     Token 0 (CLS for a ViT with CLS pooling) is kept; the h x w patch-token map (row-major in the cache) is
-    average-pooled with `F.adaptive_avg_pool2d` to k x k (the extractor's call in
-    `TimmEncoder.tokens`) and flattened row-major. Computed in float32, returned in the input dtype (the
+    split into k x k cells and averaged per cell with `token_cells.pool_cells` (the extractor's call in
+    `TimmEncoder.tokens`), flattened row-major. Computed in float32, returned in the input dtype (the
     extractor pools float32 tokens and then stores them in the cache dtype, so the two agree within one
     rounding of that dtype). Works on (N, 8, T, D) dihedral views too.
     """
@@ -78,7 +78,7 @@ def derive_local(local_all: np.ndarray, layout: str) -> np.ndarray:
     parts = [x[:, :1]]
     if grid > 0:
         fmap = x[:, 1:].transpose(1, 2).reshape(len(x), dim, side, side)  # as TimmEncoder.tokens builds it
-        parts.append(F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2))
+        parts.append(pool_cells(fmap, grid))
     out = torch.cat(parts, 1).numpy().astype(local_all.dtype)
     return out.reshape(*lead, out.shape[1], dim)
 
@@ -97,20 +97,6 @@ def derive_features(feats: SpotFeatures, layout: str) -> SpotFeatures:
         neighbor_mask=feats.neighbor_mask, token_weights=derived_weights(layout, native),
         slide_tokens=feats.slide_tokens, slide_grid=feats.slide_grid, slide_pos=feats.slide_pos,
     )
-
-
-def cell_coverage(side: int, grid: int) -> np.ndarray:
-    """(grid², side²) 0/1: which patch tokens each adaptive-pooling cell averages (cells overlap when
-    side is not a multiple of grid, e.g. 14 -> 4: four cells of 4 rows each over 14 rows)."""
-    def spans(i: int) -> range:
-        return range((i * side) // grid, -((-(i + 1) * side) // grid))
-    cover = np.zeros((grid * grid, side * side))
-    for r in range(grid):
-        for c in range(grid):
-            for y in spans(r):
-                for x in spans(c):
-                    cover[r * grid + c, y * side + x] = 1.0
-    return cover
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -278,17 +264,16 @@ def approx(cache: FeatureCache, data: Path, train: Sequence[str], test: str, see
             info["test_pcc_acg_by_input_layout"] = {k: float(mean_gene_pcc(v["pred"], truth)) for k, v in out.items()}
         record["heads"][key] = {**info, "relative_error_vs_all": errors,
                                 "reference_spread_median": spread, "eval_seconds": round(time.perf_counter() - start, 1)}
-    # how far the weighted mean of the pooled cells is from the mean of all patch tokens (overlapping cells)
+    # the cells partition the patch tokens, so their size-weighted mean is the mean of all patch tokens
     side = round(float(np.sqrt(feats_test.local.shape[1] - 1)))
     patches = np.asarray(feats_test.local[:, 1:], np.float32)
     true_mean = patches.mean(1)
     for grid in (2, 4):
         cells = derive_local(feats_test.local, f"{grid}x{grid}")[:, 1:].astype(np.float32)
-        cover = cell_coverage(side, grid)
+        sizes = np.asarray(derived_weights(f"{grid}x{grid}", side * side)[1:])
         record[f"cells_{grid}x{grid}"] = {
-            "cell_sizes": sorted(set(cover.sum(1).astype(int).tolist())),
-            "patch_token_multiplicity": sorted(set(cover.sum(0).astype(int).tolist())),
-            "mean_of_cells_vs_mean_of_patches": _relative(cells.mean(1), true_mean),
+            "cell_sizes": sorted(set(sizes.astype(int).tolist())),
+            "weighted_mean_of_cells_vs_mean_of_patches": _relative((cells * sizes[:, None]).sum(1) / sizes.sum(), true_mean),
         }
     return record
 
@@ -296,7 +281,7 @@ def approx(cache: FeatureCache, data: Path, train: Sequence[str], test: str, see
 def write_derived(cache: FeatureCache, layout: str, root: Path) -> FeatureCache:
     """A cache at `root` identical to `cache` except its local tokens and weights (layout `layout`)."""
     settings = {**cache.settings, "local_tokens": layout, "derived_from": str(cache.root.resolve()),
-                "derivation": "benchmarks/token_approximation.py derive_local (adaptive_avg_pool2d of the all tokens)"}
+                "derivation": "benchmarks/token_approximation.py derive_local (token_cells.pool_cells of the all tokens)"}
     settings.pop("format_version", None)
     out = FeatureCache(root, settings)
     for sample in cache.samples():

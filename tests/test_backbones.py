@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from genedml.backbones import get_spec, list_specs, load_backbone
 from genedml.backbones import registry as registry_module
 from genedml.backbones.adapters import ADAPTERS, adapt_state_dict
-from genedml.backbones.attn_pool import AttentionalPool, cell_membership
+from genedml.backbones.attn_pool import AttentionalPool
+from genedml.backbones.token_cells import cell_bounds, cell_membership, cell_sizes, pool_cells
 from genedml.backbones.catalog import CATALOG
 from genedml.backbones.doctor import backbone_rows, environment_report
 from genedml.backbones.registry import BackboneSpec
@@ -468,11 +469,16 @@ def seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
-def test_cell_membership_matches_adaptive_pooling_regions() -> None:
-    for size, grid in ((14, 3), (16, 4), (7, 2), (28, 5)):
-        onehot = torch.eye(size * size).reshape(size * size, 1, size, size)
-        regions = torch.nn.functional.adaptive_avg_pool2d(onehot, grid).reshape(size * size, grid * grid) > 0
-        assert torch.equal(cell_membership(size, size, grid, "cpu"), regions.T)
+def test_token_cells_partition_the_map_and_pool_like_adaptive_pooling_when_the_grid_divides_it() -> None:
+    for size, grid in ((14, 3), (14, 4), (16, 4), (7, 2), (7, 4), (28, 5)):
+        members = cell_membership(size, size, grid, "cpu")
+        assert torch.equal(members.sum(0), torch.ones(size * size, dtype=torch.long))  # each token in one cell
+        assert members.sum(1).tolist() == cell_sizes(size, size, grid)
+    fmap = torch.randn(2, 5, 16, 16)
+    torch.testing.assert_close(pool_cells(fmap, 4), torch.nn.functional.adaptive_avg_pool2d(fmap, 4).flatten(2).transpose(1, 2))
+    assert cell_sizes(14, 14, 4)[:4] == [9, 12, 9, 12]  # bands of 3, 4, 3, 4 rows and columns
+    with pytest.raises(ValueError, match="cannot split"):
+        cell_bounds(3, 4)
 
 
 def test_attention_pool_restricted_to_a_group_equals_pooling_that_group_alone() -> None:

@@ -28,7 +28,8 @@ def sample():
 def test_weights_count_the_backbone_tokens_each_cached_token_stands_for() -> None:
     assert local_token_weights(0, 196) == [197.0]
     assert local_token_weights(-1, 196) == [1.0] * 197
-    assert local_token_weights(4, 196) == [1.0] + [12.25] * 16
+    assert local_token_weights(4, 196) == [1.0] + [9.0, 12.0, 9.0, 12.0, 12.0, 16.0, 12.0, 16.0] * 2  # 3/4/3/4 bands
+    assert local_token_weights(2, 196) == [1.0] + [49.0] * 4
     assert local_token_weights(2, None) is None  # no token map (he-stats)
     for grid in (0, 2, 4, -1):  # every layout stands for the same 197 tokens
         assert sum(local_token_weights(grid, 196)) == pytest.approx(197.0)
@@ -50,6 +51,21 @@ def test_all_layout_caches_every_patch_token_and_pooled_grids_are_their_means(tm
     np.testing.assert_allclose(grid.local[:, 1], top_left, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(full.token_weights, np.ones(1 + n, np.float32))
     np.testing.assert_allclose(grid.token_weights, [1.0] + [n / 4] * 4)
+
+
+def test_4x4_cells_of_a_14x14_map_weighted_by_their_size_average_to_the_patch_mean(tmp_path, tiny_vit, sample) -> None:
+    # 0.3's adaptive pooling overlapped cells on a 14 x 14 map and weighted each 12.25: ≈ 2 % off the patch mean.
+    base = dict(dtype="float32", scales=("local",))
+    run_extraction([sample], tiny_vit, tmp_path / "all", ExtractSettings(local_tokens="all", **base))
+    run_extraction([sample], tiny_vit, tmp_path / "4x4", ExtractSettings(local_tokens="4x4", **base))
+    full = load_spot_features(FeatureCache(tmp_path / "all"), ["S0"])
+    grid = load_spot_features(FeatureCache(tmp_path / "4x4"), ["S0"])
+    weights = grid.token_weights[1:]
+    assert weights.sum() == tiny_vit.native_tokens == 196
+    weighted = (grid.local[:, 1:] * weights[:, None]).sum(1) / weights.sum()
+    np.testing.assert_allclose(weighted, full.local[:, 1:].mean(1), rtol=1e-4, atol=1e-5)
+    assert FeatureCache(tmp_path / "4x4").settings["cell_pooling"] == "partition"
+    assert "cell_pooling" not in FeatureCache(tmp_path / "all").settings
 
 
 def test_all_layout_needs_a_token_map(tmp_path, sample) -> None:

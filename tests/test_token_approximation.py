@@ -48,8 +48,14 @@ def test_derived_layouts_equal_the_backbones_own_pooling_on_her2st_patches(study
     assert study.derive_local(views, "4x4").dtype == np.float16
 
 
-def test_adaptive_cells_of_a_14_grid_overlap_at_4x4_but_not_at_2x2(study) -> None:
-    cover4, cover2 = study.cell_coverage(14, 4), study.cell_coverage(14, 2)
-    assert set(cover4.sum(1)) == {16.0} and cover4.sum() == 256  # 16 cells of 4 x 4 over 196 tokens
-    assert set(cover4.sum(0)) == {1.0, 2.0, 4.0}  # rows/columns 3 and 10 fall in two cells
-    assert set(cover2.sum(1)) == {49.0} and set(cover2.sum(0)) == {1.0}
+def test_derived_cells_partition_the_patch_tokens_so_their_weighted_mean_is_the_patch_mean(study) -> None:
+    # 0.3 pooled 14 x 14 maps with adaptive_avg_pool2d: at 4x4 its cells overlapped (rows 3 and 10 twice) while
+    # each recorded 12.25 tokens, so the weighted mean of the cells missed the patch mean by ≈ 2 %.
+    rng = np.random.default_rng(0)
+    local = rng.normal(size=(3, 197, 8)).astype(np.float32)
+    for layout in ("2x2", "4x4"):
+        cells = study.derive_local(local, layout)[:, 1:]
+        sizes = study.derived_weights(layout, 196)[1:]
+        assert sizes.sum() == 196
+        weighted = (cells * sizes[:, None]).sum(1) / sizes.sum()
+        np.testing.assert_allclose(weighted, local[:, 1:].mean(1), rtol=1e-5, atol=1e-6)

@@ -48,17 +48,3 @@ class AttentionalPool(nn.Module):
         weights = logits.softmax(-1)
         pooled = torch.einsum("bhgn,bnhd->bghd", weights, values).flatten(2)
         return self.norm(self.out(pooled))
-
-
-def cell_membership(height: int, width: int, grid: int, device: torch.device | str) -> torch.Tensor:
-    """[grid², height·width] bool: which patch tokens fall in each cell of `F.adaptive_avg_pool2d`'s grid."""
-
-    def bands(size: int) -> torch.Tensor:  # [grid, size]: adaptive pooling's (possibly overlapping) bands
-        index = torch.arange(grid, device=device)
-        start = (index * size) // grid
-        end = -((-(index + 1) * size) // grid)  # ceil
-        position = torch.arange(size, device=device)
-        return (position[None] >= start[:, None]) & (position[None] < end[:, None])
-
-    rows, cols = bands(height), bands(width)
-    return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(grid * grid, height * width)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genedml.backbones.token_cells import cell_bounds
 from genedml.errors import GenedmlError
 
 # Ruifrok & Johnston (2001) stain OD vectors, rows = haematoxylin, eosin, DAB (as in skimage.color).
@@ -63,7 +64,7 @@ class HEStats(nn.Module):
             cells = maps.reshape(batch, channels, grid, height // grid, grid, width // grid)
             cells = cells.permute(0, 2, 4, 1, 3, 5).reshape(batch * grid * grid, channels, -1)
             return self._region_stats(cells).view(batch, grid * grid, -1)
-        rows, cols = _bounds(height, grid), _bounds(width, grid)
+        rows, cols = cell_bounds(height, grid), cell_bounds(width, grid)
         return torch.stack([self._region_stats(maps[..., r0:r1, c0:c1].flatten(2))
                             for r0, r1 in rows for c0, c1 in cols], 1)
 
@@ -99,12 +100,6 @@ class HEStats(nn.Module):
             hema_grad.mean(-1, keepdim=True),
         ]
         return torch.cat(feats, 1)
-
-
-def _bounds(size: int, grid: int) -> list[tuple[int, int]]:
-    """Integer cell bounds splitting `size` pixels into `grid` near-equal cells."""
-    edges = [i * size // grid for i in range(grid + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 def _gradient(channel: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from genedml.backbones.attn_pool import AttentionalPool, cell_membership
+from genedml.backbones.attn_pool import AttentionalPool
 from genedml.backbones.registry import BackboneSpec
+from genedml.backbones.token_cells import cell_membership, pool_cells
 from genedml.errors import GenedmlError
 
 
@@ -73,7 +73,7 @@ class TimmEncoder(nn.Module):
         return self.tokens(x, 0)[:, 0]
 
     def tokens(self, x: torch.Tensor, token_grid: int) -> torch.Tensor:
-        """[B, 1 + token_grid², D]: the pooled vector, then the feature map average-pooled to a grid, row-major.
+        """[B, 1 + token_grid², D]: the pooled vector, then the mean of each cell of a token_grid² grid, row-major.
 
         token_grid = ALL_TOKENS keeps every patch token (CLS + 196 for a ViT-*/16 at 224 px: the sequence the
         reference Gene-DML model fuses).
@@ -113,7 +113,7 @@ class TimmEncoder(nn.Module):
         if token_grid == ALL_TOKENS:
             cells = feature_map.flatten(2).transpose(1, 2)
         else:
-            cells = F.adaptive_avg_pool2d(feature_map, token_grid).flatten(2).transpose(1, 2)
+            cells = pool_cells(feature_map, token_grid)
         if self.spec.pooling == "cls+mean":
             cells = torch.cat([cls[:, None].expand(-1, cells.shape[1], -1), cells], -1)
         return torch.cat([pooled[:, None], cells], 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,9 @@ from genedml.cache.store import FeatureCache, SampleWriter
 from genedml.cache.verify import check_sample
 from genedml.data.sample import Sample
 from genedml.backbones.timm_encoder import ALL_TOKENS
+from genedml.backbones.token_cells import cell_sizes
 from genedml.data.spots import snap_to_grid
-from genedml.errors import CacheLockedError, CacheMismatchError, ConfigError, InputError
+from genedml.errors import CacheLockedError, CacheMismatchError, ConfigError, GenedmlError, InputError
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
 from genedml.log import log
@@ -75,6 +77,8 @@ class ExtractSettings:
             "neighbor_mode": self.neighbor_mode if "neighbor" in self.scales else None,
             "neighbor_grid": 5,
             "local_tokens": self.local_tokens,
+            # Grid cells partition the token map since 0.4 (0.3 pooled overlapping cells): never mix the two.
+            **({"cell_pooling": "partition"} if TOKEN_GRIDS[self.local_tokens] > 0 else {}),
             "augment": self.augment,
             "dtype": self.dtype,
             "versions": {"genedml": genedml.__version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -153,8 +157,9 @@ def local_token_weights(token_grid: int, native_tokens: int | None) -> list[floa
     """How many backbone tokens each cached local token stands for (None for a backbone without a token map).
 
     The reference model fuses CLS + every patch token; a compact cache keeps fewer. Counting the pooled token
-    as the whole patch (cls) or each grid cell as its share of the patch tokens lets the head weight them so
-    the local patch keeps its share of the fused sequence (proportional attention, weighted means).
+    as the whole patch (cls) or each grid cell as its own tokens (`token_cells`: cells of a 14 x 14 map on a
+    4 x 4 grid hold 9, 12 or 16) lets the head weight them so the local patch keeps its share of the fused
+    sequence (proportional attention, weighted means).
     """
     if native_tokens is None:
         return None
@@ -162,7 +167,10 @@ def local_token_weights(token_grid: int, native_tokens: int | None) -> list[floa
         return [1.0 + native_tokens]
     if token_grid == ALL_TOKENS:
         return [1.0] * (1 + native_tokens)
-    return [1.0] + [native_tokens / token_grid**2] * token_grid**2
+    side = math.isqrt(native_tokens)
+    if side * side != native_tokens:  # patches are square, so their token maps are
+        raise GenedmlError(f"a square patch gave {native_tokens} tokens, which is not a square token map")
+    return [1.0] + [float(n) for n in cell_sizes(side, side, token_grid)]
 
 
 def extract_sample(sample: Sample, encoder: Encoder, settings: ExtractSettings, writer: SampleWriter) -> SampleReport:
