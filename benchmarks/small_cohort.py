@@ -29,6 +29,41 @@ from genedml.targets import targets_at
 HERE = Path(__file__).resolve().parent
 
 
+def parse_opts(items: list[str]) -> dict:
+    """--opt KEY=VALUE items → head settings (JSON values, else strings)."""
+    head = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            head[key] = json.loads(value)
+        except json.JSONDecodeError:
+            head[key] = value
+    return head
+
+
+def fit_and_score(cache: FeatureCache, samples: dict, model: str, head: dict, train: list[str], val: list[str],
+                  test: list[str], model_dir: Path) -> dict:
+    """`genedml fit` on `train` (selecting on `val`), then PCC-ACG and MSE per test section."""
+    settings = FitSettings(model=model, train_samples=train, val_samples=val or None, val_fraction=0.0, head=head)
+    start = time.perf_counter()
+    result = fit_model(cache, None, model_dir, settings, samples=samples)
+    seconds = time.perf_counter() - start
+    predictor = Predictor(model_dir)
+    scores = {}
+    for sample_id in test:
+        feats = load_spot_features(cache, [sample_id], with_aug=False)
+        truth = targets_at(samples[sample_id], feats.barcodes, predictor.targets)
+        pred = predictor.predict(feats, None)["X"]
+        scores[sample_id] = {"pcc_acg": mean_gene_pcc(pred, truth), "mse": float(((pred - truth) ** 2).mean()),
+                             "mse_of_test_mean": float(((truth.mean(0) - truth) ** 2).mean())}
+    history = result.history
+    return {"model": model, "head": head, "test": scores,
+            "test_pcc_acg_mean": float(sum(v["pcc_acg"] for v in scores.values()) / len(scores)),
+            "best_epoch": history.get("best_epoch"), "epochs_run": len(history.get("epochs") or []),
+            "best_val_pcc": history.get("best_val_pcc"), "steps_per_epoch": history.get("steps_per_epoch"),
+            "fit_seconds": round(seconds, 1), "weights": result.weights}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, required=True)
@@ -42,34 +77,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "work" / "small_cohort")
     ap.add_argument("--tag", default="run")
     args = ap.parse_args()
-    head = {}
-    for item in args.opt:
-        key, _, value = item.partition("=")
-        try:
-            head[key] = json.loads(value)
-        except json.JSONDecodeError:
-            head[key] = value
     train, val, test = args.train.split(","), args.val.split(",") if args.val else [], args.test.split(",")
-    cache = FeatureCache(args.cache)
     samples = {s.sample_id: s for s in read_samples(args.data, samples=train + val + test, samples_table=args.samples_table)}
-    settings = FitSettings(model=args.model, train_samples=train, val_samples=val or None, val_fraction=0.0, head=head)
-    start = time.perf_counter()
-    model_dir = args.out / args.tag
-    result = fit_model(cache, None, model_dir, settings, samples=samples)
-    seconds = time.perf_counter() - start
-    predictor = Predictor(model_dir)
-    scores = {}
-    for sample_id in test:
-        feats = load_spot_features(cache, [sample_id], with_aug=False)
-        truth = targets_at(samples[sample_id], feats.barcodes, predictor.targets)
-        pred = predictor.predict(feats, None)["X"]
-        scores[sample_id] = {"pcc_acg": mean_gene_pcc(pred, truth), "mse": float(((pred - truth) ** 2).mean()),
-                             "mse_of_test_mean": float(((truth.mean(0) - truth) ** 2).mean())}
-    history = result.history
-    print(json.dumps({"tag": args.tag, "model": args.model, "head": head, "test": scores,
-                      "best_epoch": history.get("best_epoch"), "epochs_run": len(history.get("epochs") or []),
-                      "best_val_pcc": history.get("best_val_pcc"), "steps_per_epoch": history.get("steps_per_epoch"),
-                      "fit_seconds": round(seconds, 1), "weights": result.weights}))
+    record = fit_and_score(FeatureCache(args.cache), samples, args.model, parse_opts(args.opt), train, val, test,
+                           args.out / args.tag)
+    print(json.dumps({"tag": args.tag, **record}))
 
 
 if __name__ == "__main__":
