@@ -9,7 +9,7 @@ import torch
 from genedml.backbones import load_backbone
 from genedml.cache import FeatureCache
 from genedml.data.synthetic import make_synthetic_sample
-from genedml.errors import InputError
+from genedml.errors import CacheMismatchError, InputError
 from genedml.extract.runner import ExtractSettings, local_token_weights, run_extraction
 from genedml.heads.registry import make_head
 from genedml.spots import load_spot_features
@@ -66,6 +66,14 @@ def test_4x4_cells_of_a_14x14_map_weighted_by_their_size_average_to_the_patch_me
     np.testing.assert_allclose(weighted, full.local[:, 1:].mean(1), rtol=1e-4, atol=1e-5)
     assert FeatureCache(tmp_path / "4x4").settings["cell_pooling"] == "partition"
     assert "cell_pooling" not in FeatureCache(tmp_path / "all").settings
+
+
+def test_a_grid_cache_with_the_overlapping_cells_of_0_3_is_not_resumed(tmp_path, tiny_vit, sample) -> None:
+    settings = ExtractSettings(local_tokens="4x4", dtype="float32", scales=("local",))
+    old = {k: v for k, v in settings.cache_settings(tiny_vit.provenance()).items() if k != "cell_pooling"}
+    FeatureCache(tmp_path / "c", old)  # what 0.3 wrote
+    with pytest.raises(CacheMismatchError, match="cell_pooling"):
+        run_extraction([sample], tiny_vit, tmp_path / "c", settings)
 
 
 def test_all_layout_needs_a_token_map(tmp_path, sample) -> None:
