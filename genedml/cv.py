@@ -94,7 +94,7 @@ def variants(settings: CVSettings) -> list[Variant]:
     for ablation in settings.ablations:
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
-        label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)"}.get(ablation, f"genedml −{ablation}")
+        label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
     if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)

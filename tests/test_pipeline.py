@@ -10,7 +10,7 @@ import pytest
 
 from genedml.backbones import load_backbone
 from genedml.cache import FeatureCache
-from genedml.cv import CVSettings, make_folds, run_cv
+from genedml.cv import CVSettings, make_folds, run_cv, variants
 from genedml.data import read_samples
 from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 from genedml.errors import CacheMismatchError, ModelDirError
@@ -115,6 +115,11 @@ def test_fit_refuses_unexpected_backbone(dataset, tmp_path):
     root, data = dataset
     with pytest.raises(CacheMismatchError, match="he-stats"):
         fit_model(root / "cache", data, tmp_path / "m", FitSettings(model="ridge", expect_backbone="uni"))
+
+
+def test_cv_ablation_rows_name_what_is_removed():
+    labels = [v.name for v in variants(CVSettings(models=["genedml"], ablations=["no-group", "mlp"], retrieve_k=None))]
+    assert labels == ["genedml", "genedml − group", "MLP (local only, regression only)"]  # not "genedml −no-group"
 
 
 def test_cv_by_patient_never_splits_a_patient(dataset):
