@@ -64,7 +64,6 @@ def diagnose(model_dir: Path, cache_dir: Path, data: Path, samples_table: Path |
     from genedml.cache.store import FeatureCache
     from genedml.data import read_samples
     from genedml.heads.batch import BatchMaker
-    from genedml.heads.losses import group_loss, instance_loss, regression_loss
     from genedml.predict import Predictor
     from genedml.spots import load_spot_features
     from genedml.targets import targets_at
@@ -93,17 +92,13 @@ def diagnose(model_dir: Path, cache_dir: Path, data: Path, samples_table: Path |
         batch = maker.make(index, generator)
         yb = targets[torch.from_numpy(index)]
         out = model(batch, yb)
-        terms = {"regression": regression_loss(out["pred"], yb)}
-        clusters = None
-        if cfg.instance:
-            terms["instance"] = instance_loss(list(out["emb"].values()), out["g"], cfg.tau)
-        if cfg.group:
-            u, v = model.cluster_space_of(out["f"]), model.cluster_space_of(out["g"])
-            group, clusters = group_loss(out["f"], out["g"], u, v, cfg.groups, cfg.tau_group, cfg.group_form, cfg.kmeans_iters)
-            terms["group (x lambda)"] = cfg.lambda_group * group
+        parts, clusters = model.loss_terms(out, yb)  # the training objective's own terms, weighted as it weights them
+        weights = model.term_weights()
+        terms = {(f"{name} (x lambda)" if name in weights else name): weights.get(name, 1.0) * term  # λ: the one weight
+                 for name, term in parts.items()}
         row = {"spots": len(index), "loss": {t: float(v.detach()) for t, v in terms.items()},
                "grad_norm": {t: gradient_norms(v, params) for t, v in terms.items()}}
-        if clusters is not None:
+        if clusters:
             row["kmeans"] = cluster_summary(clusters["labels_image"], clusters["labels_gene"], min(cfg.groups, len(index)))
         rows.append(row)
     curve = json.loads((model_dir / "curve.json").read_text())

@@ -242,26 +242,38 @@ class GeneDMLModel(nn.Module):
     # -- objective ------------------------------------------------------------------------------------------
     def loss(self, out: dict[str, Any], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts (only the parts that are switched on appear)."""
-        cfg = self.cfg
-        parts: dict[str, torch.Tensor] = {}
-        if cfg.objective == "triplex":
-            branches = [self.branch_heads[s](out["pooled"][s]) for s in cfg.scales]
-            total, tparts = triplex_loss(out["pred"], branches, y, cfg.triplex_alpha, cfg.triplex_detach_teacher)
-            parts.update(tparts)
+        if self.cfg.objective == "triplex":
+            branches = [self.branch_heads[s](out["pooled"][s]) for s in self.cfg.scales]
+            total, parts = triplex_loss(out["pred"], branches, y, self.cfg.triplex_alpha, self.cfg.triplex_detach_teacher)
         else:
-            parts["regression"] = regression_loss(out["pred"], y)
-            total = parts["regression"]
-            if cfg.instance:
-                parts["instance"] = instance_loss(list(out["emb"].values()), out["g"], cfg.tau)
-                total = total + parts["instance"]
-            if cfg.group:
-                u = self.cluster_space_of(out["f"])
-                v = self.cluster_space_of(out["g"])
-                parts["group"], _ = group_loss(
-                    out["f"], out["g"], u, v, cfg.groups, cfg.tau_group, cfg.group_form, cfg.kmeans_iters
-                )
-                total = total + cfg.lambda_group * parts["group"]
+            parts, _ = self.loss_terms(out, y)
+            weights = self.term_weights()
+            total = None
+            for name, term in parts.items():  # unweighted terms enter as they are (no ×1 node: same gradients)
+                weighted = weights[name] * term if name in weights else term
+                total = weighted if total is None else total + weighted
         return total, {name: float(value.detach()) for name, value in parts.items()}
+
+    def loss_terms(self, out: dict[str, Any], y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The Gene-DML objective's unweighted terms (regression, then instance and group when switched on; the
+        loss is their sum, each times its `term_weights` entry if it has one) and the group loss's per-batch
+        clusterings (empty without it)."""
+        cfg = self.cfg
+        terms = {"regression": regression_loss(out["pred"], y)}
+        clusters: dict[str, torch.Tensor] = {}
+        if cfg.instance:
+            terms["instance"] = instance_loss(list(out["emb"].values()), out["g"], cfg.tau)
+        if cfg.group:
+            u = self.cluster_space_of(out["f"])
+            v = self.cluster_space_of(out["g"])
+            terms["group"], clusters = group_loss(
+                out["f"], out["g"], u, v, cfg.groups, cfg.tau_group, cfg.group_form, cfg.kmeans_iters
+            )
+        return terms, clusters
+
+    def term_weights(self) -> dict[str, float]:
+        """Weights of the weighted terms of `loss_terms` (λ for the group term); the others have weight 1."""
+        return {"group": self.cfg.lambda_group}
 
     def cluster_space_of(self, x: torch.Tensor) -> torch.Tensor:
         """h(x) = L2normalise(Linear(x)), the cluster head shared by both modalities."""
