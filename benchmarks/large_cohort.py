@@ -30,7 +30,6 @@ sys.path.insert(0, str(HERE))
 import scale  # noqa: E402  (benchmarks/scale.py: the synthetic cohort)
 import small_cohort  # noqa: E402  (benchmarks/small_cohort.py: fit + score one head)
 
-CPU_SIZES = ["dim=128", "neighbor_depth=1", "neighbor_mlp_ratio=1.0", "global_depth=2", "global_mlp_ratio=1.0"]
 ROWS = {  # row name → (model, extra head settings)
     "ridge-cv": ("ridge-cv", {}),
     "mlp": ("genedml", {"instance": False, "group": False, "scales": ["local"]}),
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown --rows {unknown}; choose from {sorted(ROWS)}")
     if args.slides < args.val + args.test + 1:
         ap.error("--slides must exceed --val + --test")
-    opts = small_cohort.parse_opts(CPU_SIZES if args.opt is None else args.opt)
+    opts = dict(small_cohort.CPU_SIZES) if args.opt is None else small_cohort.parse_opts(args.opt)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
     if work.exists():

@@ -27,6 +27,8 @@ from genedml.spots import load_spot_features
 from genedml.targets import targets_at
 
 HERE = Path(__file__).resolve().parent
+# The accuracy benchmarks' CPU head sizes (paper: dim 512, neighbour 4 x 4, global 5 x 4).
+CPU_SIZES = {"dim": 128, "neighbor_depth": 1, "neighbor_mlp_ratio": 1.0, "global_depth": 2, "global_mlp_ratio": 1.0}
 
 
 def parse_opts(items: list[str]) -> dict:
