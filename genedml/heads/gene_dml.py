@@ -37,6 +37,7 @@ class GeneDMLSettings(TrainSettings):
     group_form: GroupForm = "reference"
     groups: int = 18  # K of the per-batch k-means
     lambda_group: float = 0.8  # λ
+    instance_weight: float = 1.0  # weight of the instance term (the paper's loss has 1)
     tau: float = 0.07  # instance temperature τ
     tau_group: float = 0.07  # group temperature τ_g
     kmeans_iters: int = 10
@@ -89,6 +90,10 @@ class GeneDMLSettings(TrainSettings):
                      "neighbor_depth", "global_depth", "fusion_depth"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"head setting {name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("lambda_group", "instance_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"head setting {name} must be a number >= 0, got {value!r}")
         for name in ("tau", "tau_group"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"head setting {name} must be > 0, got {getattr(self, name)!r}")
@@ -272,8 +277,12 @@ class GeneDMLModel(nn.Module):
         return terms, clusters
 
     def term_weights(self) -> dict[str, float]:
-        """Weights of the weighted terms of `loss_terms` (λ for the group term); the others have weight 1."""
-        return {"group": self.cfg.lambda_group}
+        """Weights of the weighted terms of `loss_terms` (λ for the group term, `instance_weight` for the instance
+        term when it is not 1); regression has weight 1."""
+        weights = {"group": self.cfg.lambda_group}
+        if self.cfg.instance_weight != 1.0:  # weight 1 adds no ×1 node, so the paper's loss stays bit-identical
+            weights["instance"] = self.cfg.instance_weight
+        return weights
 
     def cluster_space_of(self, x: torch.Tensor) -> torch.Tensor:
         """h(x) = L2normalise(Linear(x)), the cluster head shared by both modalities."""
