@@ -27,7 +27,7 @@ SPLITS = {
     "C-to-B4": {"by": "sample", "samples": ["B4", "C2", "C3", "C4", "C5", "C6"], "test_samples": ["B4"]},
 }
 MODELS = ["ridge", "ridge-cv", "bleep", "triplex", "genedml"]
-ABLATIONS = ["no-group", "no-instance", "no-global", "no-neighbor", "cld"]
+ABLATIONS = ["no-group", "no-instance", "no-global", "paper-scales", "cld"]
 
 
 def machine() -> dict:

@@ -117,7 +117,7 @@ def main() -> None:
 
     training.NeuralHead._train_epoch = timed_epoch
     settings = fit.FitSettings(model="genedml", val_fraction=0.0, seed=0,
-                               head={**scale.FIT_HEAD, "epochs": 1, "batch_size": 512, "batch_slides": args.batch_slides,
+                               head={**scale.FIT_HEAD, "scales": scale.FIT_SCALES.split(","), "epochs": 1, "batch_size": 512, "batch_slides": args.batch_slides,
                                      "encoder_dim": args.encoder_dim})
     start = time.perf_counter()
     fit.fit_model(built["cache"], built["data"], work / "model", settings)

@@ -214,7 +214,7 @@ def approx(cache: FeatureCache, data: Path, train: Sequence[str], test: str, see
     """Part a: one seeded head per size (input and target scalers fitted on the train samples' `all`
     features by the head's own fit, one pass = 2 optimiser steps), eval mode; f and predictions on `test`
     for every layout, local_token_weighting on and off. Also any trained model dirs given."""
-    from genedml.heads.gene_dml import GeneDMLHead, GeneDMLSettings
+    from genedml.heads.gene_dml import SCALES, GeneDMLHead, GeneDMLSettings
 
     feats_train = _load(cache, train)
     y_train = _targets(train, train, feats_train, data)
@@ -226,7 +226,8 @@ def approx(cache: FeatureCache, data: Path, train: Sequence[str], test: str, see
     heads: dict[str, Any] = {}
     for size, opts in sizes.items():
         start = time.perf_counter()
-        settings = GeneDMLSettings(**opts, seed=seed, epochs=1, min_epoch_steps=1, device="cpu")
+        # The authors' three scales: the local patch's share of f is the question here.
+        settings = GeneDMLSettings(**opts, scales=SCALES, seed=seed, epochs=1, min_epoch_steps=1, device="cpu")
         head = GeneDMLHead(settings).fit(feats_train, y_train)
         heads[size] = (head, {"settings": opts or "defaults (paper sizes)",
                               "init": "seeded, one fit pass on the train samples' all features (2 optimiser steps)",
@@ -343,7 +344,7 @@ def fit(cache: FeatureCache, epochs: int | None, layouts: Sequence[str], ridge: 
     for layout in layouts:
         if layout != "all":
             caches[layout] = write_derived(cache, layout, derived_root(cache, layout))
-    opts = [f"{k}={json.dumps(v)}" for k, v in CPU_SIZES.items()] + ([f"epochs={epochs}"] if epochs else [])
+    opts = [f"{k}={json.dumps(v)}" for k, v in {**CPU_SIZES, "scales": ["local", "neighbor", "global"]}.items()] + ([f"epochs={epochs}"] if epochs else [])
     runs = [(layout, "genedml", opts) for layout in layouts] + ([("all", "ridge-cv", [])] if ridge else [])
     record: dict[str, Any] = {"provenance": _provenance(cache), "epochs_cap": epochs, "runs": []}
     for layout, model, run_opts in runs:

@@ -25,8 +25,9 @@ NEURAL_HEADS = {"genedml", "triplex", "bleep"}
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no-group": {"group": False},
     "no-instance": {"instance": False},
-    "no-global": {"scales": ["local", "neighbor"]},
-    "no-neighbor": {"scales": ["local", "global"]},
+    "no-global": {"scales": ["local"]},
+    # The default head leaves out the neighbour scale (gene_dml.DEFAULT_SCALES); this row puts it back.
+    "paper-scales": {"scales": ["local", "neighbor", "global"]},
     "cld": {"group_form": "cld"},
     # The plain baseline every head must beat: a local-only regression MLP (no contrastive pathway).
     "mlp": {"instance": False, "group": False, "scales": ["local"]},
@@ -94,7 +95,8 @@ def variants(settings: CVSettings) -> list[Variant]:
     for ablation in settings.ablations:
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
-        label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
+        label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)",
+                 "paper-scales": "genedml + neighbour (the paper's three scales)"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
     if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)

@@ -15,8 +15,9 @@ from genedml.heads.batch import BatchMaker
 from genedml.heads.features import SpotFeatures
 from genedml.heads.layers import PEG, GlobalEncoder, NeighborEncoder
 
+# The paper's three scales (the default leaves out the neighbour scale), so every encoder is exercised.
 SMALL = dict(dim=32, neighbor_depth=1, neighbor_heads=2, neighbor_mlp_ratio=2, global_depth=2, global_heads=2,
-             global_mlp_ratio=2, groups=4)
+             global_mlp_ratio=2, groups=4, scales=("local", "neighbor", "global"))
 TRAIN = dict(lr=2e-3, batch_size=64, epochs=25, patience=10, device="cpu", min_epoch_steps=1)
 SETTINGS: dict[str, dict[str, Any]] = {
     "genedml": {**SMALL, **TRAIN},
@@ -395,3 +396,34 @@ def test_the_long_fit_warning_suggests_only_the_cpu_sizes_not_in_use(caplog: pyt
     with caplog.at_level("WARNING", logger="genedml"):
         make_head("genedml", CPU_SIZES)._warn_if_long(60.0, torch.device("cpu"))
     assert "may take up to" in caplog.text and "--head-option" not in caplog.text  # 0.2 repeated the sizes in use
+
+
+@pytest.mark.parametrize("instance_weight, lambda_group", [(1.0, 0.8), (0.25, 0.2), (0.0, 0.0)])
+def test_loss_is_regression_plus_weighted_contrastive_terms(data: dict[str, Any], instance_weight: float, lambda_group: float) -> None:
+    head = make_head("genedml", {**SMALL, **TRAIN, "instance_weight": instance_weight, "lambda_group": lambda_group})
+    torch.manual_seed(0)
+    model = head.build(data["train"].dim, data["y_train"].shape[1])
+    model.eval()  # no dropout: the two forward passes below see the same network
+    batch = BatchMaker(data["train"], "cpu", True).make(np.arange(40), torch.Generator().manual_seed(0))
+    y = torch.from_numpy(data["y_train"][:40])
+    out = model(batch, y)
+    total, parts = model.loss(out, y)
+    expected = parts["regression"] + instance_weight * parts["instance"] + lambda_group * parts["group"]
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"instance_weight": -0.1}, {"lambda_group": -1}, {"instance_weight": "x"}, {"lambda_group": True}])
+def test_negative_or_non_numeric_term_weights_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="must be a number >= 0"):
+        make_head("genedml", {**SMALL, **bad})
+
+
+def test_default_genedml_leaves_out_the_neighbour_scale_and_triplex_keeps_it(data: dict[str, Any]) -> None:
+    head = make_head("genedml", {k: v for k, v in {**SMALL, **TRAIN, "epochs": 1}.items() if k != "scales"})
+    assert head.settings.scales == ("local", "global") and not head.needs_neighbor()
+    feats = data["train"].take(np.arange(60))
+    feats.tiles = feats.neighbor_index = feats.neighbor_mask = None  # a cache extracted with --scales local
+    head.fit(feats, data["y_train"][:60])
+    assert head.predict(feats).shape == (60, data["y_train"].shape[1])
+    assert make_head("triplex").settings.scales == ("local", "neighbor", "global")
+

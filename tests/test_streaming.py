@@ -24,8 +24,10 @@ from genedml.heads.gene_dml import GeneDMLHead, GeneDMLSettings
 from genedml.heads.scaling import Moments, token_moments
 from genedml.spots import feature_bytes, load_spot_features, stream_spot_features
 
+# All three scales (the default leaves out the neighbour scale), so streamed neighbour tiles are covered too.
 TINY = dict(dim=16, neighbor_depth=1, neighbor_heads=2, global_depth=2, global_heads=2, neighbor_mlp_ratio=1.0,
-            global_mlp_ratio=1.0, groups=3, batch_size=8, eval_batch_size=16, epochs=2, min_epoch_steps=4)
+            global_mlp_ratio=1.0, groups=3, batch_size=8, eval_batch_size=16, epochs=2, min_epoch_steps=4,
+            scales=("local", "neighbor", "global"))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,7 @@ def test_a_head_without_patch_tokens_or_neighbours_saves_and_loads(tmp_path, sam
     run_extraction(samples, load_backbone("tiny-cnn", random_init=True), root, ExtractSettings(scales=("local",)))
     feats = load_spot_features(FeatureCache(root), FeatureCache(root).samples())
     assert feats.local.shape[1] == 1 and not feats.has_neighbor
-    head = GeneDMLHead(GeneDMLSettings(**{**TINY, "epochs": 1}, scales=("local",))).fit(feats, _targets(len(feats)))
+    head = GeneDMLHead(GeneDMLSettings(**{**TINY, "epochs": 1, "scales": ("local",)})).fit(feats, _targets(len(feats)))
     head.save(tmp_path / "head")
     loaded = load_head(tmp_path / "head")
     assert torch.equal(loaded.model.tile_mean, head.model.input_mean)

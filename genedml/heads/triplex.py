@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from genedml.heads.gene_dml import GeneDMLHead, GeneDMLSettings
+from genedml.heads.gene_dml import SCALES, GeneDMLHead, GeneDMLSettings
 
 
 @dataclass(frozen=True)
 class TriplexSettings(GeneDMLSettings):
     """GeneDMLSettings with the TRIPLEX objective as the default (contrastive pathways off)."""
 
+    scales: tuple[str, ...] = SCALES  # TRIPLEX's three branches
     objective: Literal["genedml", "triplex"] = "triplex"
     instance: bool = False
     group: bool = False
