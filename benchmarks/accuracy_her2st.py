@@ -52,6 +52,20 @@ def ensure_cache(data: Path, backbone: str, weights: str | None, work: Path, tab
     return cache
 
 
+def pick_folds(spec: dict, wanted: str | None) -> list[dict] | None:
+    """The split's folds whose test section is in `wanted` (None: all, as `run_cv` makes them)."""
+    if not wanted:
+        return None
+    tests = spec["test_samples"] or spec["samples"]  # leave-one-out: every section is a fold's test section
+    picked = [t for t in wanted.split(",") if t in tests]
+    if not picked:
+        raise SystemExit(f"--folds {wanted}: none of them is a test section of this split ({tests})")
+    if spec["test_samples"]:
+        return [{"name": "+".join(spec["test_samples"]), "test": list(spec["test_samples"]),
+                 "train": [s for s in spec["samples"] if s not in spec["test_samples"]]}]
+    return [{"name": t, "test": [t], "train": [s for s in spec["samples"] if s != t]} for t in picked]
+
+
 def main(argv: list[str] | None = None) -> None:
     from genedml.cv import CVSettings, run_cv
 
@@ -67,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ablations", default=",".join(ABLATIONS))
     ap.add_argument("--retrieve-k", type=int, default=50)
     ap.add_argument("--blend", type=float, default=0.5)
+    ap.add_argument("--folds", default=None, help="only these folds of each split, by test section (e.g. C5,C6; "
+                    "each keeps the training sections it has in the full split)")
     ap.add_argument("--seeds", default="2021,2022,2023")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--genes", type=int, default=250)
@@ -96,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                     blend=args.blend, head=head,
                 )
                 out = args.out / backbone.replace(":", "_") / f"smooth-{smooth}" / split
-                summary = run_cv(args.data, cache, out, settings, read_kwargs={"samples_table": args.samples_table})
+                summary = run_cv(args.data, cache, out, settings, read_kwargs={"samples_table": args.samples_table},
+                                 folds=pick_folds(spec, args.folds))
                 results["runs"].append({"backbone": backbone, "smooth": smooth, "split": split, "summary": summary})
                 md.append(f"### {backbone} · smoothing {smooth} · {split}\n\n{summary['markdown']}")
                 print(md[-1], flush=True)

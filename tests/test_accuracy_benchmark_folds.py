@@ -1,0 +1,36 @@
+"""benchmarks/accuracy_her2st.py --folds: a subset of a split's folds, each exactly as the full split makes it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from genedml.cv import make_folds
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_her2st.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("accuracy_her2st", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_picked_folds_equal_the_full_splits_folds(bench) -> None:
+    for name, split in bench.SPLITS.items():
+        samples = [SimpleNamespace(sample_id=s) for s in split["samples"]]
+        full = make_folds(samples, "sample", split["test_samples"])
+        tests = [f["name"] for f in full]
+        picked = bench.pick_folds(split, ",".join(tests[-2:]))
+        assert picked == [f for f in full if f["name"] in tests[-2:]], name
+    assert bench.pick_folds(bench.SPLITS["loso-C"], None) is None
+
+
+def test_folds_outside_the_split_are_refused(bench) -> None:
+    with pytest.raises(SystemExit, match="none of them"):
+        bench.pick_folds(bench.SPLITS["C-to-B4"], "C2")
