@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_benchmark
 
 from genedml.cv import make_folds
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_her2st.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("accuracy_her2st", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy_her2st")
 
 
 def test_picked_folds_equal_the_full_splits_folds(bench) -> None:

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark as load
 
 
 def test_each_loss_term_reaches_its_modules_and_the_kmeans_groups_are_reported(tmp_path: Path) -> None:

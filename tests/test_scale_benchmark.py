@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import load_benchmark
 
 from genedml.cache.schema import ARRAYS, LATTICE_BOXES, NEIGHBOR
 from genedml.cache.store import FeatureCache
@@ -22,10 +22,7 @@ CONTRACT = ("spots", "dim", "cache_bytes", "fit_peak_rss_bytes", "fit_seconds_pe
 
 
 def load_scale():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scale", "scale_benchmark")
 
 
 def test_scale_benchmark_writes_its_contract_at_a_tiny_size(tmp_path: Path) -> None:

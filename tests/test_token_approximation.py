@@ -3,24 +3,19 @@ must be the extractor's pooling (same tokens, same order, same weights)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from genedml.backbones import load_backbone
 from genedml.extract.runner import TOKEN_GRIDS, local_token_weights
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "token_approximation.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("token_approximation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("token_approximation")
 
 
 @pytest.mark.realdata
