@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 SPLITS = {
@@ -53,17 +54,17 @@ def ensure_cache(data: Path, backbone: str, weights: str | None, work: Path, tab
 
 
 def pick_folds(spec: dict, wanted: str | None) -> list[dict] | None:
-    """The split's folds whose test section is in `wanted` (None: all, as `run_cv` makes them)."""
+    """The split's folds (as `run_cv` makes them) whose name is in `wanted`; None: all of them."""
+    from genedml.cv import make_folds
+
     if not wanted:
         return None
-    tests = spec["test_samples"] or spec["samples"]  # leave-one-out: every section is a fold's test section
-    picked = [t for t in wanted.split(",") if t in tests]
+    # make_folds reads only sample ids for splits by sample, so ids stand in for the read samples
+    folds = make_folds([SimpleNamespace(sample_id=s) for s in spec["samples"]], spec["by"], spec["test_samples"])
+    picked = [f for f in folds if f["name"] in wanted.split(",")]
     if not picked:
-        raise SystemExit(f"--folds {wanted}: none of them is a test section of this split ({tests})")
-    if spec["test_samples"]:
-        return [{"name": "+".join(spec["test_samples"]), "test": list(spec["test_samples"]),
-                 "train": [s for s in spec["samples"] if s not in spec["test_samples"]]}]
-    return [{"name": t, "test": [t], "train": [s for s in spec["samples"] if s != t]} for t in picked]
+        raise SystemExit(f"--folds {wanted}: none of them is a fold of this split ({[f['name'] for f in folds]})")
+    return picked
 
 
 def main(argv: list[str] | None = None) -> None:

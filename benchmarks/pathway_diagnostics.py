@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+# How each weighted loss term is labelled in the output (GeneDMLModel.term_weights: λ, and instance_weight ≠ 1).
+WEIGHT_NAMES = {"group": "lambda", "instance": "instance_weight"}
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
@@ -94,7 +96,7 @@ def diagnose(model_dir: Path, cache_dir: Path, data: Path, samples_table: Path |
         out = model(batch, yb)
         parts, clusters = model.loss_terms(out, yb)  # the training objective's own terms, weighted as it weights them
         weights = model.term_weights()
-        terms = {(f"{name} (x lambda)" if name in weights else name): weights.get(name, 1.0) * term  # λ: the one weight
+        terms = {(f"{name} (x {WEIGHT_NAMES[name]})" if name in weights else name): weights.get(name, 1.0) * term
                  for name, term in parts.items()}
         row = {"spots": len(index), "loss": {t: float(v.detach()) for t, v in terms.items()},
                "grad_norm": {t: gradient_norms(v, params) for t, v in terms.items()}}

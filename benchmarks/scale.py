@@ -42,8 +42,6 @@ PITCH_UM = 100.0  # Visium centre-to-centre spot distance
 LATENT = 8  # rank of the signal shared by features and expression
 WAVES = 8  # plane waves per latent dimension (the tissue's smooth spatial structure)
 RSS_SLACK_BYTES = 2 * 10**9  # target: fit peak RSS <= 2 x cache bytes + 2 GB
-# The paper's three scales (genedml's default leaves out the neighbour scale): memory includes its encoder.
-FIT_SCALES = "local,neighbor,global"
 FIT_HEAD = {"dim": 128, "neighbor_depth": 1, "neighbor_mlp_ratio": 1.0, "global_depth": 2, "global_mlp_ratio": 1.0,
             "min_epoch_steps": 1}
 
@@ -277,11 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
     record.update(slides=len(built["samples"]), lattice_tiles_per_spot=round(built["lattice_tiles_per_spot"], 3),
                   build_seconds=round(built["build_seconds"], 2))
 
+    from genedml.heads.gene_dml import SCALES  # the authors' three scales (not the default): memory includes the neighbour encoder
+
     genedml = [sys.executable, "-m", "genedml"]
     model, pred = work / "model", work / "pred"
     fit_cmd = [*genedml, "fit", "--cache", str(built["cache"]), "--data", str(built["data"]), "--out", str(model),
                "--val-fraction", "0", "--epochs", "1", "--batch-size", "512", "--seed", str(args.seed),
-               "--scales", FIT_SCALES]
+               "--scales", ",".join(SCALES)]
     if args.max_memory:
         fit_cmd += ["--max-memory", args.max_memory]
     head = {**FIT_HEAD, "batch_slides": args.batch_slides, **({"encoder_dim": args.encoder_dim} if args.encoder_dim else {})}

@@ -76,6 +76,7 @@ def main() -> None:
     import genedml.data
     import genedml.fit as fit
     from genedml.heads import training
+    from genedml.heads.gene_dml import SCALES  # the authors' three scales, as scale.py fits
 
     work = args.out / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -117,7 +118,7 @@ def main() -> None:
 
     training.NeuralHead._train_epoch = timed_epoch
     settings = fit.FitSettings(model="genedml", val_fraction=0.0, seed=0,
-                               head={**scale.FIT_HEAD, "scales": scale.FIT_SCALES.split(","), "epochs": 1, "batch_size": 512, "batch_slides": args.batch_slides,
+                               head={**scale.FIT_HEAD, "scales": SCALES, "epochs": 1, "batch_size": 512, "batch_slides": args.batch_slides,
                                      "encoder_dim": args.encoder_dim})
     start = time.perf_counter()
     fit.fit_model(built["cache"], built["data"], work / "model", settings)

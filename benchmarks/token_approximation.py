@@ -47,6 +47,7 @@ from genedml.cache.schema import ARRAYS, LOCAL, LOCAL_AUG, as_strings
 from genedml.cache.store import FeatureCache
 from genedml.extract.runner import TOKEN_GRIDS, local_token_weights
 from genedml.heads.features import SpotFeatures
+from genedml.heads.gene_dml import SCALES
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "token_approximation"
@@ -214,7 +215,7 @@ def approx(cache: FeatureCache, data: Path, train: Sequence[str], test: str, see
     """Part a: one seeded head per size (input and target scalers fitted on the train samples' `all`
     features by the head's own fit, one pass = 2 optimiser steps), eval mode; f and predictions on `test`
     for every layout, local_token_weighting on and off. Also any trained model dirs given."""
-    from genedml.heads.gene_dml import SCALES, GeneDMLHead, GeneDMLSettings
+    from genedml.heads.gene_dml import GeneDMLHead, GeneDMLSettings
 
     feats_train = _load(cache, train)
     y_train = _targets(train, train, feats_train, data)
@@ -344,7 +345,7 @@ def fit(cache: FeatureCache, epochs: int | None, layouts: Sequence[str], ridge: 
     for layout in layouts:
         if layout != "all":
             caches[layout] = write_derived(cache, layout, derived_root(cache, layout))
-    opts = [f"{k}={json.dumps(v)}" for k, v in {**CPU_SIZES, "scales": ["local", "neighbor", "global"]}.items()] + ([f"epochs={epochs}"] if epochs else [])
+    opts = [f"{k}={json.dumps(v)}" for k, v in {**CPU_SIZES, "scales": list(SCALES)}.items()] + ([f"epochs={epochs}"] if epochs else [])
     runs = [(layout, "genedml", opts) for layout in layouts] + ([("all", "ridge-cv", [])] if ridge else [])
     record: dict[str, Any] = {"provenance": _provenance(cache), "epochs_cap": epochs, "runs": []}
     for layout, model, run_opts in runs:

@@ -16,6 +16,7 @@ from genedml.data.sample import Sample
 from genedml.errors import InputError
 from genedml.evaluate import score
 from genedml.fit import FitSettings, fit_model
+from genedml.heads.gene_dml import SCALES
 from genedml.targets import targets_at
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
@@ -27,7 +28,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-instance": {"instance": False},
     "no-global": {"scales": ["local"]},
     # The default head leaves out the neighbour scale (gene_dml.DEFAULT_SCALES); this row puts it back.
-    "paper-scales": {"scales": ["local", "neighbor", "global"]},
+    "paper-scales": {"scales": list(SCALES)},
     "cld": {"group_form": "cld"},
     # The plain baseline every head must beat: a local-only regression MLP (no contrastive pathway).
     "mlp": {"instance": False, "group": False, "scales": ["local"]},

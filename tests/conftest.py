@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,6 @@ HER2ST_SPOTS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178
 
 def load_benchmark(name: str, module_name: str | None = None):
     """Import benchmarks/<name>.py as a module (benchmarks/ on sys.path for its sibling imports)."""
-    import importlib.util
-    import sys
-
     if str(REPO / "benchmarks") not in sys.path:
         sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(module_name or name, REPO / "benchmarks" / f"{name}.py")

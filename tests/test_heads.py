@@ -426,4 +426,3 @@ def test_default_genedml_leaves_out_the_neighbour_scale_and_triplex_keeps_it(dat
     head.fit(feats, data["y_train"][:60])
     assert head.predict(feats).shape == (60, data["y_train"].shape[1])
     assert make_head("triplex").settings.scales == ("local", "neighbor", "global")
-

@@ -3,14 +3,12 @@ must be the extractor's pooling (same tokens, same order, same weights)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from conftest import load_benchmark
 
 from genedml.backbones import load_backbone
 from genedml.extract.runner import TOKEN_GRIDS, local_token_weights
-
 
 
 @pytest.fixture(scope="module")
