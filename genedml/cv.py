@@ -31,9 +31,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "paper-scales": {"scales": list(SCALES)},
     "cld": {"group_form": "cld"},
     # The plain baseline every head must beat: a local-only regression MLP (no contrastive pathway).
-    "mlp": {"instance": False, "group": False, "scales": ["local"], "ridge_shortcut": False},
-    # The default head without its ridge-probe start (gene_dml.GeneDMLSettings.ridge_shortcut).
-    "no-shortcut": {"ridge_shortcut": False},
+    "mlp": {"instance": False, "group": False, "scales": ["local"]},
 }
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 

@@ -101,11 +101,8 @@ def fitted(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def one_batch_parts(settings: dict[str, Any], data: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-    """Build a genedml model for `settings` and run one training batch with backward.
-
-    Without the ridge shortcut (the authors' head): with it the regression's last layer starts at zero, so its
-    earlier layers get gradients from the second step on (tests/test_ridge_shortcut.py checks that)."""
-    head = make_head("genedml", {**SMALL, **TRAIN, "ridge_shortcut": False, **settings})
+    """Build a genedml model for `settings` and run one training batch with backward."""
+    head = make_head("genedml", {**SMALL, **TRAIN, **settings})
     torch.manual_seed(0)
     head.model = head.build(data["train"].dim, data["y_train"].shape[1])
     head.model.train()

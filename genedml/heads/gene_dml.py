@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -18,10 +18,9 @@ from torch import nn
 
 from genedml.errors import ConfigError
 from genedml.heads.batch import Batch
-from genedml.heads.features import SpotFeatures, StreamedSpots, slide_parts
+from genedml.heads.features import SpotFeatures, StreamedSpots
 from genedml.heads.layers import FusionEncoder, GlobalEncoder, NeighborEncoder, ProjectionHead, feed_forward
 from genedml.heads.losses import GroupForm, group_loss, instance_loss, regression_loss, triplex_loss
-from genedml.heads.ridge import RidgeCVHead, RidgeSettings
 from genedml.heads.training import NeuralHead, TrainSettings
 
 SCALES = ("local", "neighbor", "global")
@@ -61,10 +60,6 @@ class GeneDMLSettings(TrainSettings):
     global_heads: int = 8
     global_mlp_ratio: float = 4.0
     global_dropout: float = 0.3
-    # Subtract each slide's mean pooled vector from its tokens before the global encoder, so the whole-slide
-    # context carries how a spot's surroundings differ from its slide, not the slide's overall appearance
-    # (stain, scanner, patient), which does not transfer across patients. Not in the paper.
-    global_slide_centering: bool = False
     # Slides with more spots than this attend within windows of global_window x global_window grid cells
     # instead of exactly (memory); the exact path is used wherever it fits.
     global_window_above: int = 20_000
@@ -81,11 +76,6 @@ class GeneDMLSettings(TrainSettings):
     # local_token_weights): proportional attention in fusion and weighted means, so a compact cache keeps the
     # local patch's share of f that the reference model's 197 local tokens have.
     local_token_weighting: bool = True
-    # A frozen ridge probe on the pooled local vector (ridge-cv, fitted on the training spots before the first
-    # step) added to the regression output, whose last layer starts at zero: training starts from the linear
-    # probe and learns the residual (linear probing then fine-tuning). Not in the paper: a named deviation
-    # (README), because on small cohorts the paper's head alone lost to that probe. False = the authors' head.
-    ridge_shortcut: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,12 +153,6 @@ class GeneDMLModel(nn.Module):
         self.regression = nn.Sequential(
             nn.Linear(e, hidden), nn.ReLU(), nn.Dropout(p), nn.Linear(hidden, e), nn.ReLU(), nn.Dropout(p), nn.Linear(e, g)
         )
-        if cfg.ridge_shortcut:
-            # Filled by GeneDMLHead before training (ridge-cv on the training spots); saved with the weights.
-            self.register_buffer("shortcut_weight", torch.zeros(in_dim, g))
-            self.register_buffer("shortcut_bias", torch.zeros(g))
-            nn.init.zeros_(self.regression[-1].weight)  # the first prediction is the probe's
-            nn.init.zeros_(self.regression[-1].bias)
         if cfg.needs_gene_encoder:
             self.gene_encoder = nn.Sequential(ProjectionHead(g, e, cfg.gene_dropout), feed_forward(e, 2 * e, cfg.gene_ff_dropout))
         if cfg.group:
@@ -198,22 +182,15 @@ class GeneDMLModel(nn.Module):
             key = batch.slide_ids[i] if batch.slide_ids else None
             if self._global_cache is not None and key is not None and not self.training:
                 if key not in self._global_cache:
-                    self._global_cache[key] = self._encode_slide(tokens, grid)
+                    self._global_cache[key] = self.global_encoder(self.input_proj(tokens), grid)
                 encoded.append(self._global_cache[key])
             else:
-                encoded.append(self._encode_slide(tokens, grid))
+                encoded.append(self.global_encoder(self.input_proj(tokens), grid))
         out = encoded[0].new_empty(len(batch), encoded[0].shape[-1])
         for i, enc in enumerate(encoded):
             rows = torch.nonzero(batch.slot == i).squeeze(1)
             out = out.index_copy(0, rows, enc[batch.slide_pos[rows]])
         return out
-
-    def _encode_slide(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Global tokens (M, D) of one slide's pooled vectors (M, D) on its grid."""
-        x = self.input_proj(tokens)
-        if self.cfg.global_slide_centering:
-            x = x - x.mean(dim=0, keepdim=True)
-        return self.global_encoder(x, grid)
 
     def encode_scales(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per scale: tokens after fc (B, L, E) and their validity (B, L)."""
@@ -250,10 +227,7 @@ class GeneDMLModel(nn.Module):
         weights = self._token_weights(batch, scales)
         fused = self.fusion(tokens, valid, weights)
         f = _masked_mean(fused, valid, weights)
-        pred = self.regression(f)
-        if self.cfg.ridge_shortcut:
-            pred = pred + batch.local[:, 0] @ self.shortcut_weight + self.shortcut_bias
-        out: dict[str, Any] = {"f": f, "pred": pred, "pooled": {}, "emb": {}}
+        out: dict[str, Any] = {"f": f, "pred": self.regression(f), "pooled": {}, "emb": {}}
         start = 0
         for name, (t, v) in scales.items():
             part = slice(start, start + t.shape[1])
@@ -344,33 +318,6 @@ class GeneDMLHead(NeuralHead):
 
     def needs_neighbor(self) -> bool:
         return "neighbor" in self.settings.scales
-
-    @classmethod
-    def settings_from(cls, values: Mapping[str, Any]) -> Any:
-        # Heads saved before 0.6 have no ridge_shortcut key and were trained without one.
-        return super().settings_from({"ridge_shortcut": False, **values} if "ridge_shortcut" not in values else values)
-
-    def init_from_training(self, train: SpotFeatures | StreamedSpots, y_train: np.ndarray) -> dict[str, Any] | None:
-        """Fill the ridge shortcut: ridge-cv (alpha by GroupKFold over the training slides) on the pooled local
-        vectors, folded into one linear map of the model's standardised inputs onto its scaled targets."""
-        if not self.settings.ridge_shortcut:
-            return None
-        model = self._model()
-        parts = [(rows, part.local[:, 0, :]) for rows, part in slide_parts(train)]  # streamed: a slide at a time
-        order = np.concatenate([rows for rows, _ in parts])
-        pooled = np.concatenate([x for _, x in parts]).astype(np.float64)
-        y = np.asarray(y_train, np.float64)[order]
-        probe = RidgeCVHead(RidgeSettings(seed=self.settings.seed)).fit(
-            SpotFeatures(local=pooled[:, None, :], slide=np.asarray(train.slide)[order], grid=np.zeros((len(y), 2), np.int64),
-                         sample_ids=list(train.sample_ids), barcodes=np.asarray(train.barcodes)[order]), y)
-        weight, bias = probe.affine()  # on the raw pooled vector, in the targets' scale
-        mean, std = (t.detach().double().cpu().numpy() for t in (model.input_mean, model.input_std))
-        t_mean, t_std = (t.detach().double().cpu().numpy() for t in (model.target_mean, model.target_std))
-        # x = x_std·std + mean, and the model predicts (y − t_mean) / t_std.
-        model.shortcut_weight.copy_(torch.from_numpy(std[:, None] * weight / t_std[None, :]))
-        model.shortcut_bias.copy_(torch.from_numpy((mean @ weight + bias - t_mean) / t_std))
-        return {"ridge_shortcut": {"alpha": probe.history_["alpha"], "cv": probe.history_.get("cv"),
-                                   "seconds": round(probe.history_["seconds"], 2)}}
 
     def batch_loss(self, batch: Batch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         model = self._model()

@@ -133,17 +133,6 @@ class RidgeHead(Head):
         z = self._project(_pooled(feats))
         return (z @ self.arrays_["coef"].T + self.arrays_["intercept"]).astype(np.float32)
 
-    def affine(self) -> tuple[np.ndarray, np.ndarray]:
-        """The fitted probe as one affine map of the raw pooled vector: (W (D, G), b (G,)) with
-        `predict(x) == x @ W + b` (scaler, PCA and ridge folded together, float64)."""
-        if not self.arrays_:
-            raise ModelDirError(f"the {self.name} head is not fitted: call fit() or load() first")
-        a = self.arrays_
-        through = a["pca_components"].T @ a["coef"].T  # (D, G) on the standardised vector
-        weight = through / a["scaler_scale"][:, None]
-        bias = a["intercept"] - ((a["scaler_mean"] / a["scaler_scale"]) + a["pca_mean"]) @ through
-        return weight, bias
-
     def save(self, directory: str | Path) -> None:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)

@@ -159,11 +159,6 @@ class NeuralHead(Head):
     def needs_neighbor(self) -> bool:
         return False
 
-    def init_from_training(self, train: SpotFeatures | StreamedSpots, y_train: np.ndarray) -> dict[str, Any] | None:
-        """Hook run once the model and its feature/target statistics exist, before the first step; what it
-        returns is recorded in `history_["started_from"]`."""
-        return None
-
     def after_fit(self, train: SpotFeatures, y_train: np.ndarray) -> None:
         """Hook run after the best weights are restored (e.g. store a retrieval bank)."""
 
@@ -237,7 +232,6 @@ class NeuralHead(Head):
             self.in_dim_, self.n_genes_ = int(train.dim), int(y_train.shape[1])
             model = self.build(self.in_dim_, self.n_genes_)
             self.model = self._with_target_scaler(self._with_scaler(model, train), y_train).to(device)
-            started_from = self.init_from_training(train, y_train)
             optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
             amp = cfg.autocast_dtype(device)
@@ -275,7 +269,6 @@ class NeuralHead(Head):
             "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
             "target_scaling": cfg.target_scaling,
             "seconds": time.perf_counter() - start,
-            **({"started_from": started_from} if started_from else {}),
         }
         return self
 

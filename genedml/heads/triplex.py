@@ -20,7 +20,6 @@ class TriplexSettings(GeneDMLSettings):
     objective: Literal["genedml", "triplex"] = "triplex"
     instance: bool = False
     group: bool = False
-    ridge_shortcut: bool = False  # TRIPLEX as published
 
 
 class TriplexHead(GeneDMLHead):
