@@ -32,7 +32,7 @@ import small_cohort  # noqa: E402  (benchmarks/small_cohort.py: fit + score one 
 
 ROWS = {  # row name → (model, extra head settings)
     "ridge-cv": ("ridge-cv", {}),
-    "mlp": ("genedml", {"instance": False, "group": False, "scales": ["local"]}),
+    "mlp": ("genedml", {"instance": False, "group": False, "scales": ["local"], "encoder_dim": 0}),
     "genedml": ("genedml", {}),
 }
 

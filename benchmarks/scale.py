@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                "--scales", ",".join(SCALES)]
     if args.max_memory:
         fit_cmd += ["--max-memory", args.max_memory]
-    head = {**FIT_HEAD, "batch_slides": args.batch_slides, **({"encoder_dim": args.encoder_dim} if args.encoder_dim else {})}
+    head = {**FIT_HEAD, "batch_slides": args.batch_slides, "encoder_dim": args.encoder_dim}
     for key, value in head.items():
         fit_cmd += ["--head-option", f"{key}={value}"]
     fit_wall, fit_rss = run_measured(fit_cmd, work / "fit.log")

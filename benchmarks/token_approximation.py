@@ -228,7 +228,7 @@ def approx(cache: FeatureCache, data: Path, train: Sequence[str], test: str, see
     for size, opts in sizes.items():
         start = time.perf_counter()
         # The authors' three scales: the local patch's share of f is the question here.
-        settings = GeneDMLSettings(**opts, scales=SCALES, seed=seed, epochs=1, min_epoch_steps=1, device="cpu")
+        settings = GeneDMLSettings(**opts, scales=SCALES, encoder_dim=0, seed=seed, epochs=1, min_epoch_steps=1, device="cpu")
         head = GeneDMLHead(settings).fit(feats_train, y_train)
         heads[size] = (head, {"settings": opts or "defaults (paper sizes)",
                               "init": "seeded, one fit pass on the train samples' all features (2 optimiser steps)",
@@ -345,7 +345,7 @@ def fit(cache: FeatureCache, epochs: int | None, layouts: Sequence[str], ridge: 
     for layout in layouts:
         if layout != "all":
             caches[layout] = write_derived(cache, layout, derived_root(cache, layout))
-    opts = [f"{k}={json.dumps(v)}" for k, v in {**CPU_SIZES, "scales": list(SCALES)}.items()] + ([f"epochs={epochs}"] if epochs else [])
+    opts = [f"{k}={json.dumps(v)}" for k, v in {**CPU_SIZES, "scales": list(SCALES), "encoder_dim": 0}.items()] + ([f"epochs={epochs}"] if epochs else [])
     runs = [(layout, "genedml", opts) for layout in layouts] + ([("all", "ridge-cv", [])] if ridge else [])
     record: dict[str, Any] = {"provenance": _provenance(cache), "epochs_cap": epochs, "runs": []}
     for layout, model, run_opts in runs:

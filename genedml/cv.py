@@ -31,7 +31,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "paper-scales": {"scales": list(SCALES)},
     "cld": {"group_form": "cld"},
     # The plain baseline every head must beat: a local-only regression MLP (no contrastive pathway).
-    "mlp": {"instance": False, "group": False, "scales": ["local"]},
+    "mlp": {"instance": False, "group": False, "scales": ["local"], "encoder_dim": 0},
+    # The encoders at the backbone width, as the authors' model (the default caps them at 128).
+    "full-width": {"encoder_dim": 0},
 }
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
@@ -97,7 +99,8 @@ def variants(settings: CVSettings) -> list[Variant]:
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
         label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)",
-                 "paper-scales": "genedml + neighbour (the paper's three scales)"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
+                 "paper-scales": "genedml + neighbour (the paper's three scales)",
+                 "full-width": "genedml, encoders at the backbone width"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
     if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)

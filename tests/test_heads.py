@@ -379,8 +379,8 @@ def test_encoder_dim_projects_before_the_scale_encoders(data: dict[str, Any]) ->
     assert model.fc.in_features == 4 and {"regression", "instance", "group"} <= set(parts)
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert dead == []
-    reference, _ = one_batch_parts({}, data)  # default: the encoders at the backbone width, no extra weights
-    assert not any(name.startswith("input_proj") for name in reference.state_dict())
+    narrow, _ = one_batch_parts({}, data)  # default cap 128 > D = 16: the encoders at the backbone width
+    assert not any(name.startswith("input_proj") for name in narrow.state_dict())
     for bad in (-1, 1.5, True, 3):  # 3: not divisible by the 2 heads of SMALL
         with pytest.raises(ConfigError, match="encoder_dim"):
             make_head("genedml", {**SMALL, "encoder_dim": bad})
@@ -426,3 +426,26 @@ def test_default_genedml_leaves_out_the_neighbour_scale_and_triplex_keeps_it(dat
     head.fit(feats, data["y_train"][:60])
     assert head.predict(feats).shape == (60, data["y_train"].shape[1])
     assert make_head("triplex").settings.scales == ("local", "neighbor", "global")
+
+
+def test_default_encoder_width_is_capped_at_128_and_zero_keeps_the_backbone_width() -> None:
+    from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
+
+    wide = GeneDMLModel(GeneDMLSettings(**SMALL), in_dim=512, n_genes=8)
+    assert wide.input_proj.weight.shape == (128, 512) and wide.global_encoder.norm.normalized_shape == (128,)
+    assert isinstance(GeneDMLModel(GeneDMLSettings(**SMALL), in_dim=96, n_genes=8).input_proj, torch.nn.Identity)
+    reference = GeneDMLModel(GeneDMLSettings(**SMALL, encoder_dim=0), in_dim=512, n_genes=8)  # the authors' width
+    assert isinstance(reference.input_proj, torch.nn.Identity) and reference.global_encoder.norm.normalized_shape == (512,)
+    assert make_head("triplex").settings.encoder_dim == make_head("genedml").settings.encoder_dim == 128
+    from genedml.cv import ABLATIONS
+
+    # The MLP baseline stays the plain local MLP at the backbone width; cv's full-width row is the authors' width.
+    assert ABLATIONS["mlp"]["encoder_dim"] == 0 and ABLATIONS["full-width"] == {"encoder_dim": 0}
+
+
+def test_an_encoder_width_the_heads_do_not_divide_is_a_config_error_before_training() -> None:
+    from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
+
+    settings = GeneDMLSettings(**{**SMALL, "global_heads": 4})  # the cap 128 divides, a 30-d backbone does not
+    with pytest.raises(ConfigError, match="width 30 .* not divisible by global_heads 4"):
+        GeneDMLModel(settings, in_dim=30, n_genes=8)

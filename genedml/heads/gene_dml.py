@@ -28,6 +28,11 @@ SCALES = ("local", "neighbor", "global")
 # 18 fold-seed pairs, and fits took 3-4x longer. On random ResNet18 features and a synthetic cohort the
 # evidence was mixed (benchmarks/RESULTS.md, "genedml 0.5"). scales=SCALES is the authors' model.
 DEFAULT_SCALES = ("local", "global")
+# The reference runs the scale encoders at the backbone width. On random-init ResNet18 (D = 512) that global
+# encoder fitted patient-specific appearance: C2-C6 -> B4 scored 0.19-0.30 over five seeds (mean 0.241) against
+# ridge-cv 0.282; at width 128 it scored 0.277 and on three sections 0.285 instead of 0.244. Backbones of at
+# most 128 dimensions (he-stats) are untouched (benchmarks/RESULTS.md, "genedml 0.6").
+DEFAULT_ENCODER_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class GeneDMLSettings(TrainSettings):
     triplex_alpha: float = 0.3
     triplex_detach_teacher: bool = True
     dim: int = 512  # width after the shared fc
-    # 0 = the scale encoders run at the backbone width D, as the reference model. N > 0: a shared Linear(D → N)
-    # first, so the neighbour and global encoders (and their activations, the bulk of a step's memory and
-    # time at D = 1,024–1,536) run at width N. A CPU / memory option; not the authors' model.
-    encoder_dim: int = 0
+    # The widest the scale encoders run. A backbone wider than this gets a shared Linear(D → encoder_dim) first,
+    # so the neighbour and global encoders (their activations are the bulk of a step's memory and time at
+    # D = 1,024–1,536) run at that width; a narrower backbone runs at its own width D. 0 = always at D, as the
+    # reference model. 128 is a named deviation (see DEFAULT_ENCODER_DIM).
+    encoder_dim: int = DEFAULT_ENCODER_DIM
     neighbor_depth: int = 4
     neighbor_heads: int = 4
     neighbor_mlp_ratio: float = 4.0
@@ -105,7 +111,7 @@ class GeneDMLSettings(TrainSettings):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"head setting {name} must be in [0, 1), got {getattr(self, name)!r}")
         if isinstance(self.encoder_dim, bool) or not isinstance(self.encoder_dim, int) or self.encoder_dim < 0:
-            raise ConfigError(f"head setting encoder_dim must be an integer >= 0 (0 = the backbone width), got {self.encoder_dim!r}")
+            raise ConfigError(f"head setting encoder_dim must be an integer >= 0 (0 = always the backbone width), got {self.encoder_dim!r}")
         for name in ("neighbor_heads", "global_heads"):
             if self.encoder_dim and self.encoder_dim % getattr(self, name):
                 raise ConfigError(f"encoder_dim {self.encoder_dim} is not divisible by {name} {getattr(self, name)}")
@@ -133,9 +139,13 @@ class GeneDMLModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         e, g = cfg.dim, n_genes
-        # Optional shared projection before the scale encoders (encoder_dim); identity at the reference width.
-        self.input_proj = nn.Linear(in_dim, cfg.encoder_dim) if cfg.encoder_dim else nn.Identity()
-        d = cfg.encoder_dim or in_dim
+        # A shared projection before the scale encoders when the backbone is wider than encoder_dim.
+        d = self.encoder_width(cfg, in_dim)
+        for scale, heads in (("neighbor", cfg.neighbor_heads), ("global", cfg.global_heads)):
+            if scale in cfg.scales and d % heads:
+                raise ConfigError(f"the {scale} encoder runs at width {d} (min of the backbone's {in_dim} and encoder_dim "
+                                  f"{cfg.encoder_dim}), which is not divisible by {scale}_heads {heads}")
+        self.input_proj = nn.Linear(in_dim, d) if d != in_dim else nn.Identity()
         if "neighbor" in cfg.scales:
             self.neighbor_encoder = NeighborEncoder(
                 d, cfg.neighbor_depth, cfg.neighbor_heads, cfg.neighbor_mlp_ratio, cfg.neighbor_dropout
@@ -161,6 +171,11 @@ class GeneDMLModel(nn.Module):
             self.branch_heads = nn.ModuleDict(
                 {s: nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, g)) for s in cfg.scales}
             )
+
+    @staticmethod
+    def encoder_width(cfg: GeneDMLSettings, in_dim: int) -> int:
+        """The width the scale encoders run at: min(D, encoder_dim), or D when encoder_dim is 0."""
+        return min(in_dim, cfg.encoder_dim) if cfg.encoder_dim else in_dim
 
     @contextlib.contextmanager
     def reuse_global_tokens(self) -> Iterator[None]:
