@@ -29,10 +29,11 @@ sys.path.insert(0, str(HERE))
 
 import scale  # noqa: E402  (benchmarks/scale.py: the synthetic cohort)
 import small_cohort  # noqa: E402  (benchmarks/small_cohort.py: fit + score one head)
+from genedml.cv import ABLATIONS  # noqa: E402
 
 ROWS = {  # row name → (model, extra head settings)
     "ridge-cv": ("ridge-cv", {}),
-    "mlp": ("genedml", {"instance": False, "group": False, "scales": ["local"], "encoder_dim": 0}),
+    "mlp": ("genedml", dict(ABLATIONS["mlp"])),  # the cv baseline row, the same settings
     "genedml": ("genedml", {}),
 }
 

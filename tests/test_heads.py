@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from genedml.cv import ABLATIONS
 from genedml.errors import ConfigError, InputError
 from genedml.heads.registry import HEADS, accepted_settings, load_head, make_head
 from genedml.heads.batch import BatchMaker
 from genedml.heads.features import SpotFeatures
+from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
 from genedml.heads.layers import PEG, GlobalEncoder, NeighborEncoder
 
 # The paper's three scales (the default leaves out the neighbour scale), so every encoder is exercised.
@@ -429,23 +431,17 @@ def test_default_genedml_leaves_out_the_neighbour_scale_and_triplex_keeps_it(dat
 
 
 def test_default_encoder_width_is_capped_at_128_and_zero_keeps_the_backbone_width() -> None:
-    from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
-
     wide = GeneDMLModel(GeneDMLSettings(**SMALL), in_dim=512, n_genes=8)
     assert wide.input_proj.weight.shape == (128, 512) and wide.global_encoder.norm.normalized_shape == (128,)
     assert isinstance(GeneDMLModel(GeneDMLSettings(**SMALL), in_dim=96, n_genes=8).input_proj, torch.nn.Identity)
     reference = GeneDMLModel(GeneDMLSettings(**SMALL, encoder_dim=0), in_dim=512, n_genes=8)  # the authors' width
     assert isinstance(reference.input_proj, torch.nn.Identity) and reference.global_encoder.norm.normalized_shape == (512,)
     assert make_head("triplex").settings.encoder_dim == make_head("genedml").settings.encoder_dim == 128
-    from genedml.cv import ABLATIONS
-
     # The MLP baseline stays the plain local MLP at the backbone width; cv's full-width row is the authors' width.
     assert ABLATIONS["mlp"]["encoder_dim"] == 0 and ABLATIONS["full-width"] == {"encoder_dim": 0}
 
 
 def test_an_encoder_width_the_heads_do_not_divide_is_a_config_error_before_training() -> None:
-    from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
-
     settings = GeneDMLSettings(**{**SMALL, "global_heads": 4})  # the cap 128 divides, a 30-d backbone does not
     with pytest.raises(ConfigError, match="width 30 .* not divisible by global_heads 4"):
         GeneDMLModel(settings, in_dim=30, n_genes=8)
