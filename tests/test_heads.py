@@ -16,6 +16,7 @@ from genedml.heads.batch import BatchMaker
 from genedml.heads.features import SpotFeatures
 from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
 from genedml.heads.layers import PEG, GlobalEncoder, NeighborEncoder
+from genedml.heads.training import WeightAverage
 
 # The paper's three scales (the default leaves out the neighbour scale), so every encoder is exercised.
 SMALL = dict(dim=32, neighbor_depth=1, neighbor_heads=2, neighbor_mlp_ratio=2, global_depth=2, global_heads=2,
@@ -291,6 +292,34 @@ def test_shuffled_targets_control_stays_near_zero(data: dict[str, Any]) -> None:
     head.fit(data["train"], shuffled)  # no validation: nothing to select a lucky epoch with
     # Chance spread on 100 spots x 8 correlated genes is about ±0.2; real learning gives > 0.8.
     assert abs(pcc(head.predict(data["val"]), data["y_val"])) < 0.35
+
+
+def test_weight_average_is_the_running_mean_and_training_weights_come_back() -> None:
+    model = torch.nn.Linear(2, 1)
+    average, seen = WeightAverage(), []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        seen.append(value)
+        with average.swapped_in(model):
+            assert torch.allclose(model.weight, torch.full_like(model.weight, np.mean(seen)))
+        assert torch.equal(model.weight, torch.full_like(model.weight, value))  # training goes on from its own weights
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_fit_keeps_the_mean_of_the_epoch_end_weights(data: dict[str, Any], average: bool) -> None:
+    head = make_head("genedml", {**SMALL, **TRAIN, "epochs": 3, "average_weights": average})
+    ends: list[list[torch.Tensor]] = []
+    head.fit(data["train"], data["y_train"], progress=lambda *_: ends.append([p.detach().clone() for p in head.model.parameters()]))
+    expected = [torch.stack(ps).mean(0) for ps in zip(*ends)] if average else ends[-1]
+    kept = list(head.model.parameters())
+    assert all(torch.allclose(k, e, atol=1e-6) for k, e in zip(kept, expected, strict=True))
+    assert not all(torch.allclose(k, e, atol=1e-6) for k, e in zip(kept, ends[0 if not average else -1], strict=True))
+
+
+def test_average_weights_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="average_weights"):
+        make_head("genedml", {"average_weights": "yes"})
 
 
 def test_history_and_progress(data: dict[str, Any]) -> None:
