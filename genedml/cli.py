@@ -296,7 +296,7 @@ def fit(
     model: str = typer.Option("genedml", help="genedml | triplex | bleep | ridge | ridge-cv."),
     train_samples: Optional[str] = typer.Option(None, help="Comma-separated training sample ids (default: all not in validation)."),
     val_samples: Optional[str] = typer.Option(None, help="Comma-separated validation sample ids."),
-    val_fraction: float = typer.Option(0.2, help="Fraction of training samples held out for validation when --val-samples is not given."),
+    val_fraction: float = typer.Option(0.2, help="Fraction of training samples held out for validation when --val-samples is not given (whole patients when the training samples come from 3 or more known patients)."),
     genes: int = typer.Option(250, help="Panel size."),
     gene_select: str = typer.Option("mean", help="mean | variance."),
     gene_list: Optional[Path] = typer.Option(None, help="A text file with one gene per line (overrides --genes)."),

@@ -30,6 +30,8 @@ from genedml.log import log
 GENE_SELECT = ("mean", "variance")
 LOG_TRANSFORMS = ("log1p", "log10", "none")
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
+# With fewer patients, holding one out would leave too little to train on: validation takes sections instead.
+MIN_PATIENTS_FOR_PATIENT_SPLIT = 3
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -118,9 +120,18 @@ class FitResult:
 
 
 def split_samples(
-    available: Sequence[str], train: Sequence[str] | None, val: Sequence[str] | None, val_fraction: float, seed: int
+    available: Sequence[str], train: Sequence[str] | None, val: Sequence[str] | None, val_fraction: float, seed: int,
+    patients: dict[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Split by sample, never by spot (spots of one section are correlated)."""
+    """Split by sample, never by spot (spots of one section are correlated); by patient where possible.
+
+    Without `val`, validation takes ceil(val_fraction x n) of the n training samples at random. When
+    `patients` (sample -> patient) covers every training sample and they come from at least
+    `MIN_PATIENTS_FOR_PATIENT_SPLIT` patients, validation takes whole patients instead (ceil(val_fraction x
+    patients) of them): a section of a patient that is also in training keeps scoring better while the model
+    gets worse on new patients, so early stopping on it keeps an over-fitted model (benchmarks/RESULTS.md,
+    "genedml 0.7").
+    """
     unknown = sorted((set(train or []) | set(val or [])) - set(available))
     if unknown:
         raise InputError(f"Samples {unknown} are not complete in the cache (available: {list(available)}).")
@@ -131,12 +142,35 @@ def split_samples(
     if not val and val_fraction > 0:
         if len(train) < 2:
             log.warning("only one training sample: no validation split, training runs for the fixed number of epochs")
+            return train, val
+        rng = np.random.default_rng(seed)
+        groups = sorted({patients[s] for s in train}) if patients and all(s in patients for s in train) else []
+        if len(groups) >= MIN_PATIENTS_FOR_PATIENT_SPLIT:
+            held = {groups[i] for i in rng.permutation(len(groups))[: max(1, math.ceil(val_fraction * len(groups)))]}
+            val = sorted(s for s in train if patients[s] in held)  # type: ignore[index]
+            log.info("fit: validation holds out %d of %d patients (%s): %d sections", len(held), len(groups),
+                     ", ".join(sorted(held)), len(val))
         else:
-            order = np.random.default_rng(seed).permutation(len(train))
+            order = rng.permutation(len(train))
             n_val = min(len(train) - 1, max(1, math.ceil(val_fraction * len(train))))
             val = sorted(train[i] for i in order[:n_val])
-            train = [s for s in train if s not in val]
+        train = [s for s in train if s not in val]
     return train, val
+
+
+def validation_kind(train_ids: Sequence[str], val_ids: Sequence[str], patients: Mapping[str, str]) -> str:
+    """What the validation samples measure: other patients, sections of training patients, or nothing."""
+    if not val_ids:
+        return "none"
+    if all(s in patients for s in [*train_ids, *val_ids]) and not {patients[s] for s in val_ids} & {patients[s] for s in train_ids}:
+        return "patients not in training"
+    return "sections (patients may also be in training)"
+
+
+def known_patients(cache: FeatureCache, sample_ids: Sequence[str]) -> dict[str, str]:
+    """sample -> patient for the samples whose patient the data named (not guessed from the sample id)."""
+    attrs = {s: cache.sample_attrs(s) for s in sample_ids}
+    return {s: str(a["patient_id"]) for s, a in attrs.items() if a.get("patient_known") and a.get("patient_id") is not None}
 
 
 def load_split(
@@ -206,7 +240,10 @@ def fit_model(
     check_model_out(out, overwrite)  # before any work
     cache = cache_dir if isinstance(cache_dir, FeatureCache) else FeatureCache(cache_dir)
     check_backbone(cache, settings.expect_backbone)
-    train_ids, val_ids = split_samples(cache.samples(), settings.train_samples, settings.val_samples, settings.val_fraction, settings.seed)
+    candidates = [s for s in (settings.train_samples or cache.samples()) if s in cache.samples()]
+    patients = known_patients(cache, candidates)
+    train_ids, val_ids = split_samples(cache.samples(), settings.train_samples, settings.val_samples, settings.val_fraction,
+                                       settings.seed, patients=patients)
     if samples is None:
         if data is None:
             raise InputError("fit needs the dataset (--data) to build expression targets.")
@@ -235,13 +272,14 @@ def fit_model(
         history = {**history, "best_val_pcc": float(mean_gene_pcc(head.predict(val), y_val)), "selection": "closed form (validation scored, not used)"}
 
     with staged_model_dir(out, overwrite) as stage:
-        seconds = _write_model(stage, head, spec, train, y_train, settings, cache, train_ids, val_ids, weights, history, start)
+        seconds = _write_model(stage, head, spec, train, y_train, settings, cache, train_ids, val_ids, weights, history, start,
+                               validation_kind(train_ids, val_ids, patients))
     return FitResult(out, train_ids, val_ids, history, seconds, weights)
 
 
 def _write_model(
     out: Path, head: Any, spec: TargetSpec, train: SpotFeatures | StreamedSpots, y_train: np.ndarray, settings: FitSettings, cache: FeatureCache,
-    train_ids: list[str], val_ids: list[str], weights: str, history: dict[str, Any], start: float,
+    train_ids: list[str], val_ids: list[str], weights: str, history: dict[str, Any], start: float, validation: str,
 ) -> float:
     """Every file of the model directory into `out` (a staging folder); returns the fit's seconds."""
     head.save(out / HEAD_DIR)
@@ -257,6 +295,7 @@ def _write_model(
         "train_samples": train_ids,
         "val_samples": val_ids,
         "selection": "validation split carved from the training samples" if val_ids else "last epoch (no validation samples)",
+        "validation": validation,
         "n_train_spots": int(len(train)),
         "features_streamed": isinstance(train, StreamedSpots),
         "spot_pitch_um": spot_pitch_um(cache, train_ids),

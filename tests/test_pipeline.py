@@ -16,7 +16,7 @@ from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_datas
 from genedml.errors import CacheMismatchError, ModelDirError
 from genedml.evaluate import evaluate_dir
 from genedml.extract.runner import ExtractSettings, run_extraction
-from genedml.fit import FitSettings, fit_model, split_samples
+from genedml.fit import FitSettings, fit_model, split_samples, validation_kind
 from genedml.predict import Predictor, RetrievalSettings, predict_cache
 
 FAST_HEAD = {"epochs": 40, "patience": 40, "batch_size": 32, "lr": 1e-3, "dim": 128}
@@ -45,6 +45,22 @@ def test_split_is_by_sample_and_deterministic():
     assert sorted(train + val) == ["a", "b", "c", "d", "e"] and len(val) == 2
     assert split_samples(["a", "b", "c", "d", "e"], None, None, 0.4, seed=1) == (train, val)
     assert split_samples(["a", "b"], ["a"], ["b"], 0.2, 0) == (["a"], ["b"])
+
+
+def test_validation_holds_out_whole_patients_when_there_are_three_or_more() -> None:
+    samples = ["A1", "A2", "B1", "B2", "C1", "C2", "D1", "D2"]
+    patients = {s: s[0] for s in samples}
+    for seed in range(5):
+        train, val = split_samples(samples, None, None, 0.2, seed, patients=patients)
+        assert sorted(train + val) == samples and len({patients[s] for s in val}) == 1  # ceil(0.2 x 4) patients
+        assert not {patients[s] for s in val} & {patients[s] for s in train}
+    # Two patients, or a sample whose patient is unknown: sections, exactly as without patients.
+    two = {s: "AB"[i % 2] for i, s in enumerate(samples)}
+    assert split_samples(samples, None, None, 0.2, 1, patients=two) == split_samples(samples, None, None, 0.2, 1)
+    partial = {s: p for s, p in patients.items() if s != "D2"}
+    assert split_samples(samples, None, None, 0.2, 1, patients=partial) == split_samples(samples, None, None, 0.2, 1)
+    assert validation_kind(["A1", "B1"], ["C1"], patients) == "patients not in training"
+    assert validation_kind(["A1", "B1"], ["A2"], patients).startswith("sections")
 
 
 def test_fit_writes_a_complete_model_dir(genedml_model):
