@@ -240,9 +240,10 @@ def fit_model(
     check_model_out(out, overwrite)  # before any work
     cache = cache_dir if isinstance(cache_dir, FeatureCache) else FeatureCache(cache_dir)
     check_backbone(cache, settings.expect_backbone)
-    candidates = [s for s in (settings.train_samples or cache.samples()) if s in cache.samples()]
-    patients = known_patients(cache, candidates)
-    train_ids, val_ids = split_samples(cache.samples(), settings.train_samples, settings.val_samples, settings.val_fraction,
+    available = cache.samples()  # one scan of the cache (it checks every sample's completeness)
+    named = set(settings.train_samples or available) | set(settings.val_samples or [])
+    patients = known_patients(cache, [s for s in available if s in named])
+    train_ids, val_ids = split_samples(available, settings.train_samples, settings.val_samples, settings.val_fraction,
                                        settings.seed, patients=patients)
     if samples is None:
         if data is None:

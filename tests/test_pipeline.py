@@ -68,6 +68,7 @@ def test_fit_writes_a_complete_model_dir(genedml_model):
     config = json.loads((out / "config.json").read_text())
     assert config["weights"] == "not-learned" and config["train_samples"] == ["SYN0", "SYN1"]
     assert config["val_samples"] == ["SYN2"] and len(config["genes"]) == 24
+    assert config["validation"] == "patients not in training"  # SYN0, SYN1: patient P0; SYN2, given by name: P1
     for name in ("targets.json", "head/head.json", "bank/index.faiss", "prototypes.safetensors", "curve.json", "curve.png"):
         assert (out / name).is_file(), name
     assert genedml_model.history["best_val_pcc"] > 0.2
