@@ -23,11 +23,12 @@ import torch
 
 from genedml.cache.store import FeatureCache
 from genedml.data import read_samples
-from genedml.fit import load_split, split_samples
+from genedml.fit import known_patients, load_split, split_samples
 from genedml.heads.registry import make_head
 from genedml.metrics import mean_gene_pcc
 from genedml.spots import load_spot_features
 from genedml.targets import fit_targets, targets_at
+from small_cohort import parse_opts  # benchmarks/small_cohort.py (this script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
@@ -44,18 +45,12 @@ def main() -> None:
     ap.add_argument("--opt", action="append", default=[], help="genedml head setting KEY=VALUE (JSON values), repeatable")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    opts = {}
-    for item in args.opt:
-        key, _, value = item.partition("=")
-        try:
-            opts[key] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key] = value
+    opts = parse_opts(args.opt)
 
     cache = FeatureCache(args.cache)
     pool = [s for s in SECTIONS if s != args.test]
     samples = {s.sample_id: s for s in read_samples(args.data, samples=pool + [args.test], samples_table=args.samples_table)}
-    train_ids, val_ids = split_samples(cache.samples(), pool, None, 0.2, args.seed)
+    train_ids, val_ids = split_samples(cache.samples(), pool, None, 0.2, args.seed, patients=known_patients(cache, pool))
     spec = fit_targets([samples[s] for s in train_ids], n_genes=250, select="mean", gene_list=None,
                        normalize_over="panel", log="log1p", smooth=False)
     train, y_train = load_split(cache, samples, train_ids, spec)

@@ -303,7 +303,7 @@ class NeuralHead(Head):
                 epochs.append({"epoch": epoch, **parts, "val_pcc": pcc})
                 if progress is not None:
                     progress(epoch, parts, pcc)
-                if val is not None and best["epoch"] != epoch and epoch - best["epoch"] >= cfg.patience:
+                if val is not None and epoch - best["epoch"] >= cfg.patience:  # patience >= 1: never the best epoch
                     break
             if best["state"] is not None:
                 self.model.load_state_dict(best["state"])
