@@ -34,6 +34,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "mlp": {"instance": False, "group": False, "scales": ["local"], "encoder_dim": 0},
     # The encoders at the backbone width, as the authors' model (the default caps them at 128).
     "full-width": {"encoder_dim": 0},
+    # No dropout on the backbone features, as the authors' model (the default drops 70 % of a wide backbone's).
+    "no-input-dropout": {"input_dropout": 0},
 }
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 

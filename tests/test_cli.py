@@ -27,7 +27,7 @@ def data(tmp_path_factory) -> Path:
 
 def test_version_and_help():
     out = run("--version")
-    assert out.returncode == 0 and "genedml 0.7.0" in out.stdout + out.stderr
+    assert out.returncode == 0 and "genedml 0.8.0" in out.stdout + out.stderr
     assert "extract" in run("--help").stdout
 
 

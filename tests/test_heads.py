@@ -474,3 +474,57 @@ def test_an_encoder_width_the_heads_do_not_divide_is_a_config_error_before_train
     settings = GeneDMLSettings(**{**SMALL, "global_heads": 4})  # the cap 128 divides, a 30-d backbone does not
     with pytest.raises(ConfigError, match="width 30 .* not divisible by global_heads 4"):
         GeneDMLModel(settings, in_dim=30, n_genes=8)
+
+
+def test_input_dropout_drops_backbone_features_of_every_scale_in_training_only(data: dict[str, Any]) -> None:
+    head = make_head("genedml", {**SMALL, **TRAIN, "input_dropout": 0.5})
+    torch.manual_seed(0)
+    model = head.build(data["train"].dim, data["y_train"].shape[1])
+    plain = make_head("genedml", {**SMALL, **TRAIN}).build(data["train"].dim, data["y_train"].shape[1])
+    assert model.state_dict().keys() == plain.state_dict().keys()  # models saved without the option still load
+    seen: list[torch.Tensor] = []
+    model.input_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    batch = BatchMaker(data["train"], "cpu", True).make(np.arange(40), torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        first, second = model(batch)["pred"], model(batch)["pred"]
+    torch.testing.assert_close(first, second)  # no dropout in eval
+    originals = seen[:3]
+    seen.clear()
+    model.train()
+    model(batch)
+    assert len(seen) == 3  # local tokens, neighbour tiles and the global scale's slide tokens
+    for original, dropped in zip(originals, seen):
+        kept = original != 0  # masked neighbour tiles are zero already
+        zero = float((dropped[kept] == 0).float().mean())
+        assert 0.4 < zero < 0.6, zero
+        survivors = dropped != 0
+        torch.testing.assert_close(dropped[survivors], 2 * original[survivors])
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "often", True])
+def test_input_dropout_outside_zero_to_one_is_a_config_error(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="input_dropout"):
+        make_head("genedml", {"input_dropout": bad})
+
+
+def test_auto_input_dropout_drops_only_wide_backbone_features() -> None:
+    from genedml.heads.gene_dml import AUTO_INPUT_DROPOUT, AUTO_INPUT_DROPOUT_MIN_WIDTH
+
+    cfg = GeneDMLSettings(**SMALL)
+    assert cfg.input_dropout == "auto"
+    wide = GeneDMLModel(cfg, AUTO_INPUT_DROPOUT_MIN_WIDTH, 8)
+    narrow = GeneDMLModel(cfg, AUTO_INPUT_DROPOUT_MIN_WIDTH - 1, 8)
+    assert wide.input_dropout.p == AUTO_INPUT_DROPOUT > 0 and narrow.input_dropout.p == 0
+    assert GeneDMLModel(GeneDMLSettings(**SMALL, input_dropout=0), 512, 8).input_dropout.p == 0
+
+
+def test_fit_says_when_auto_input_dropout_is_on(caplog: pytest.LogCaptureFixture) -> None:
+    from genedml.heads.gene_dml import AUTO_INPUT_DROPOUT_MIN_WIDTH
+
+    for dim, said in ((AUTO_INPUT_DROPOUT_MIN_WIDTH, True), (16, False)):
+        feats, y = synthetic(n_slides=2, side=4, dim=dim)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="genedml"):
+            make_head("genedml", {**SMALL, **TRAIN, "epochs": 1}).fit(feats, y)
+        assert ("input dropout 0.7" in caplog.text) == said, caplog.text
