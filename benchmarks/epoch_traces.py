@@ -14,7 +14,6 @@ JSON line per epoch and writes them all to --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -28,18 +27,14 @@ from genedml.heads.registry import make_head
 from genedml.metrics import mean_gene_pcc
 from genedml.spots import load_spot_features
 from genedml.targets import fit_targets, targets_at
-from small_cohort import parse_opts  # benchmarks/small_cohort.py (this script's folder is on sys.path)
+from small_cohort import her2st_parser, parse_opts  # benchmarks/small_cohort.py (this script's folder is on sys.path)
 
-HERE = Path(__file__).resolve().parent
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 AVERAGES = {"uniform": None, "ema0.5": 0.5, "ema0.2": 0.2}  # weight of the newest epoch (None: 1 / epochs)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, required=True)
-    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "her2st")
-    ap.add_argument("--samples-table", type=Path, default=HERE / "her2st_samples.csv")
+    ap = her2st_parser(__doc__)
     ap.add_argument("--test", default="B4")
     ap.add_argument("--seed", type=int, default=2021)
     ap.add_argument("--opt", action="append", default=[], help="genedml head setting KEY=VALUE (JSON values), repeatable")

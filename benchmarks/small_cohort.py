@@ -66,11 +66,17 @@ def fit_and_score(cache: FeatureCache, samples: dict, model: str, head: dict, tr
             "fit_seconds": round(seconds, 1), "weights": result.weights}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def her2st_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every her2st cache script shares: --cache, --data, --samples-table."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "her2st")
     ap.add_argument("--samples-table", type=Path, default=HERE / "her2st_samples.csv")
+    return ap
+
+
+def main() -> None:
+    ap = her2st_parser(__doc__)
     ap.add_argument("--model", default="genedml")
     ap.add_argument("--train", default="C2,C4,C5")
     ap.add_argument("--val", default="C6")
