@@ -1,3 +1,3 @@
 """genedml: predict spatial gene expression from H&E with Gene-DML heads on cached foundation features."""
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"

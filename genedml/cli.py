@@ -74,7 +74,7 @@ def _key_values(items: list[str]) -> dict[str, Any]:
 
 # Defaults of fit's flags that only some heads have: a changed value for a head without it is an error.
 GENERIC_HEAD_DEFAULTS = {
-    "scales": None, "instance": True, "group": True, "groups": 18, "lambda_group": 0.8,
+    "scales": None, "instance": True, "group": True, "groups": 18, "lambda_group": None,
     "tau": 0.07, "tau_group": 0.07, "group_form": "reference", "epochs": 200, "patience": 20, "batch_size": 512,
     "lr": 1e-4, "seed": 2021,
 }
@@ -307,7 +307,7 @@ def fit(
     no_instance: bool = typer.Option(False, "--no-instance", help="Ablation: drop the instance pathway."),
     no_group: bool = typer.Option(False, "--no-group", help="Ablation: drop the group pathway."),
     groups: int = typer.Option(18, help="K of the per-batch k-means (group pathway) and of the prototypes."),
-    lambda_group: float = typer.Option(0.8, help="Weight λ of the group loss."),
+    lambda_group: Optional[float] = typer.Option(None, help="Weight λ of the group loss (default: the head's own; the paper: 0.8)."),
     tau: float = typer.Option(0.07, help="Instance-loss temperature."),
     tau_group: float = typer.Option(0.07, help="Group-loss temperature."),
     group_form: str = typer.Option("reference", help="reference (f, g vs centroids) | cld (projected u, v)."),
@@ -432,7 +432,7 @@ def cv(
     smooth: bool = typer.Option(False, help="3x3 smoothing of targets."),
     epochs: int = typer.Option(200, help="Maximum epochs."),
     seeds: str = typer.Option("2021", help="Comma-separated seeds (neural heads are run once per seed)."),
-    ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, paper-scales (adds the neighbour scale: the authors' three scales), full-width (encoders at the backbone width, as the authors), no-input-dropout (no dropout on the backbone features, as the authors), cld, mlp (local-only regression)."),
+    ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, paper-scales (adds the neighbour scale: the authors' three scales), full-width (encoders at the backbone width, as the authors), no-input-dropout (no dropout on the backbone features, as the authors), paper-loss-weights (contrastive weights 1 and λ 0.8, as the authors), authors (all of these and average_weights=false: the authors' model), cld, mlp (local-only regression)."),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
     batch_size: int = typer.Option(512, help="Training batch size."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),

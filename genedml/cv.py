@@ -36,7 +36,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "full-width": {"encoder_dim": 0},
     # No dropout on the backbone features, as the authors' model (the default drops 70 % of a wide backbone's).
     "no-input-dropout": {"input_dropout": 0},
+    # The paper's loss weights (instance 1, group λ = 0.8; the default weighs both contrastive terms 0.1).
+    "paper-loss-weights": {"instance_weight": 1.0, "lambda_group": 0.8},
 }
+# The authors' model: every named deviation of the defaults undone at once (README, "Named deviations").
+NAMED_DEVIATIONS = ("paper-scales", "full-width", "no-input-dropout", "paper-loss-weights")
+ABLATIONS["authors"] = {k: v for name in NAMED_DEVIATIONS for k, v in ABLATIONS[name].items()} | {"average_weights": False}
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
 
@@ -102,7 +107,9 @@ def variants(settings: CVSettings) -> list[Variant]:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
         label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)",
                  "paper-scales": "genedml + neighbour (the paper's three scales)",
-                 "full-width": "genedml, encoders at the backbone width"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
+                 "full-width": "genedml, encoders at the backbone width",
+                 "paper-loss-weights": "genedml, the paper's loss weights",
+                 "authors": "genedml as the authors (no named deviation)"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
     if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)

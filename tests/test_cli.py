@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from genedml.cli import _default_map
+from genedml.cli import _default_map, _head_settings
 from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 
 
@@ -27,7 +27,7 @@ def data(tmp_path_factory) -> Path:
 
 def test_version_and_help():
     out = run("--version")
-    assert out.returncode == 0 and "genedml 0.8.0" in out.stdout + out.stderr
+    assert out.returncode == 0 and "genedml 0.9.0" in out.stdout + out.stderr
     assert "extract" in run("--help").stdout
 
 
@@ -56,6 +56,11 @@ def test_config_file_supplies_flags_and_command_line_wins(tmp_path):
     assert _default_map(["fit", "--config", str(cfg)]) == {"fit": {"lambda_group": 0.5, "epochs": 3}}
 
 
+def test_fit_flags_left_unset_keep_the_heads_defaults_and_set_ones_win():
+    assert _head_settings("genedml", {"lambda_group": None, "groups": 18}, {}).lambda_group == 0.1
+    assert _head_settings("genedml", {"lambda_group": 0.8}, {}).lambda_group == 0.8
+
+
 def test_cli_chain_extract_fit_predict_evaluate(data, tmp_path):
     cache, model, pred, ev = (tmp_path / n for n in ("cache", "model", "pred", "eval"))
     out = run("extract", str(data), "--backbone", "he-stats", "--cache", str(cache), "--patch-px", "112", "--mpp-target", "1.0")
@@ -72,6 +77,8 @@ def test_cli_chain_extract_fit_predict_evaluate(data, tmp_path):
     config = json.loads((model / "config.json").read_text())
     assert config["head_config"]["epochs"] == 5 and len(config["genes"]) == 20 and config["head_config"]["groups"] == 4
     assert config["head_config"]["dim"] == 64
+    # No --lambda-group: the head's own defaults (0.8 took the paper's λ and the head's instance weight).
+    assert config["head_config"]["lambda_group"] == config["head_config"]["instance_weight"] == 0.1
     out = run("predict", str(model), "--cache", str(cache), "--samples", "SYN2", "--out", str(pred), "--retrieve-k", "5")
     assert out.returncode == 0, out.stderr
     adata = ad.read_h5ad(pred / "SYN2.h5ad")

@@ -11,7 +11,8 @@ import torch
 
 from genedml.cv import ABLATIONS
 from genedml.errors import ConfigError, InputError
-from genedml.heads.registry import HEADS, accepted_settings, load_head, make_head
+from genedml.heads.base import setting_names
+from genedml.heads.registry import HEADS, accepted_settings, head_settings, load_head, make_head
 from genedml.heads.batch import BatchMaker
 from genedml.heads.features import SpotFeatures
 from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
@@ -441,6 +442,24 @@ def test_loss_is_regression_plus_weighted_contrastive_terms(data: dict[str, Any]
     total, parts = model.loss(out, y)
     expected = parts["regression"] + instance_weight * parts["instance"] + lambda_group * parts["group"]
     assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_default_contrastive_weights_are_0_1_and_cv_rows_restore_the_papers() -> None:
+    model = GeneDMLModel(GeneDMLSettings(**SMALL), in_dim=64, n_genes=8)
+    assert model.term_weights() == {"group": 0.1, "instance": 0.1}  # a named deviation (the paper: λ 0.8, instance 1)
+    paper = head_settings("genedml", ABLATIONS["paper-loss-weights"])
+    assert GeneDMLModel(paper, in_dim=64, n_genes=8).term_weights() == {"group": 0.8}  # the paper's instance term has no ×1 node
+
+
+def test_the_authors_cv_row_undoes_every_named_deviation() -> None:
+    authors = head_settings("genedml", ABLATIONS["authors"])
+    assert authors.scales == ("local", "neighbor", "global") and authors.encoder_dim == 0
+    assert authors.input_dropout == 0 and authors.instance_weight == 1.0 and authors.lambda_group == 0.8
+    assert authors.average_weights is False
+    default = head_settings("genedml")
+    # Every other setting is the default's: the row differs from the default in the named deviations only.
+    changed = {k for k in setting_names(type(default)) if getattr(default, k) != getattr(authors, k)}
+    assert changed == {"scales", "encoder_dim", "input_dropout", "instance_weight", "lambda_group", "average_weights"}
 
 
 @pytest.mark.parametrize("bad", [{"instance_weight": -0.1}, {"lambda_group": -1}, {"instance_weight": "x"}, {"lambda_group": True}])

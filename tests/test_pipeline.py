@@ -137,6 +137,8 @@ def test_fit_refuses_unexpected_backbone(dataset, tmp_path):
 def test_cv_ablation_rows_name_what_is_removed():
     labels = [v.name for v in variants(CVSettings(models=["genedml"], ablations=["no-group", "mlp"], retrieve_k=None))]
     assert labels == ["genedml", "genedml − group", "MLP (local only, regression only)"]  # not "genedml −no-group"
+    labels = [v.name for v in variants(CVSettings(models=[], ablations=["paper-loss-weights", "authors"], retrieve_k=None))]
+    assert labels == ["genedml, the paper's loss weights", "genedml as the authors (no named deviation)"]
 
 
 def test_cv_by_patient_never_splits_a_patient(dataset):
