@@ -22,12 +22,14 @@ def test_each_loss_term_reaches_its_modules_and_the_kmeans_groups_are_reported(t
     record = diag.main([str(tmp_path / "model"), "--cache", str(built["cache"]), "--data", str(built["data"]),
                         "--samples-table", str(tmp_path / "none.csv"), "--batches", "2", "--out", str(tmp_path / "d.json")])
     grads = record["mean_grad_norm"]
-    assert set(grads) == {"regression", "instance", "group (x lambda)"}
+    # Both contrastive terms are weighted by default (0.1 each), so both labels name their weight.
+    assert set(grads) == {"regression", "instance (x instance_weight)", "group (x lambda)"}
     # regression trains the regression MLP, never the gene encoder or the cluster head; the contrastive
     # terms reach the gene encoder and the fusion encoder (t, n, gl are taken after fusion), not the regressor
     assert grads["regression"]["regression"] > 0 and grads["regression"]["gene_encoder"] == 0
     assert grads["regression"]["cluster_head"] == 0
-    assert grads["instance"]["fusion"] > 0 and grads["instance"]["gene_encoder"] > 0 and grads["instance"]["regression"] == 0
+    assert grads["instance (x instance_weight)"]["fusion"] > 0 and grads["instance (x instance_weight)"]["gene_encoder"] > 0
+    assert grads["instance (x instance_weight)"]["regression"] == 0
     assert grads["group (x lambda)"]["cluster_head"] > 0 and grads["group (x lambda)"]["regression"] == 0
     kmeans = record["mean_kmeans"]
     assert 0 <= kmeans["image_largest_share"] <= 1 and -1 <= kmeans["adjusted_rand_image_vs_gene"] <= 1

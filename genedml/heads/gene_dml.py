@@ -42,11 +42,11 @@ DEFAULT_ENCODER_DIM = 128
 # embedding we support; benchmarks/RESULTS.md, "genedml 0.8").
 AUTO_INPUT_DROPOUT = 0.7
 AUTO_INPUT_DROPOUT_MIN_WIDTH = 256
-# The weights of the two contrastive terms (the paper: instance 1, group λ = 0.8). At 0.1 each the regression
-# term leads and the contrastive terms shape the embedding without pulling it toward what tells this cohort's
-# sections apart. On her2st it was higher on every row we measured (C2-C6 -> B4, 3 seeds, random-init ResNet18
-# at both sizes and he-stats; leave one C section out; three sections at paper sizes; retrieval too) but one
-# (three sections at CPU sizes, within the seed spread): benchmarks/RESULTS.md, "genedml 0.9".
+# The weights of the two contrastive terms (the paper: instance 1, group λ = 0.8). At 0.1 the regression term
+# leads and the contrastive terms act as a regulariser. On her2st, random-init
+# ResNet18, C2-C6 -> B4: 0.293 -> 0.308 at CPU sizes (MLP 0.300), 0.296 -> 0.305 at paper sizes; he-stats
+# 0.327 -> 0.334; level within a patient and on three sections, except three sections at CPU sizes (-0.004).
+# Both pathways off: 0.270 (benchmarks/RESULTS.md, "genedml 0.9").
 DEFAULT_CONTRASTIVE_WEIGHT = 0.1
 
 
