@@ -77,7 +77,7 @@ def test_cli_chain_extract_fit_predict_evaluate(data, tmp_path):
     config = json.loads((model / "config.json").read_text())
     assert config["head_config"]["epochs"] == 5 and len(config["genes"]) == 20 and config["head_config"]["groups"] == 4
     assert config["head_config"]["dim"] == 64
-    # No --lambda-group: the head's own defaults (0.8 took the paper's λ and the head's instance weight).
+    # No --lambda-group: the head's own default (0.8.0's fit passed λ = 0.8 whatever the head's default was).
     assert config["head_config"]["lambda_group"] == config["head_config"]["instance_weight"] == 0.1
     out = run("predict", str(model), "--cache", str(cache), "--samples", "SYN2", "--out", str(pred), "--retrieve-k", "5")
     assert out.returncode == 0, out.stderr
