@@ -42,6 +42,15 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # The authors' model: every named deviation of the defaults undone at once (README, "Named deviations").
 NAMED_DEVIATIONS = ("paper-scales", "full-width", "no-input-dropout", "paper-loss-weights")
 ABLATIONS["authors"] = {k: v for name in NAMED_DEVIATIONS for k, v in ABLATIONS[name].items()} | {"average_weights": False}
+# How each row is named in cv tables; a row not listed here is "genedml − <what it removes>".
+ABLATION_LABELS = {
+    "cld": "genedml (CLD group form)",
+    "mlp": "MLP (local only, regression only)",
+    "paper-scales": "genedml + neighbour (the paper's three scales)",
+    "full-width": "genedml, encoders at the backbone width",
+    "paper-loss-weights": "genedml, the paper's loss weights",
+    "authors": "genedml as the authors (no named deviation)",
+}
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
 
@@ -105,11 +114,7 @@ def variants(settings: CVSettings) -> list[Variant]:
     for ablation in settings.ablations:
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
-        label = {"cld": "genedml (CLD group form)", "mlp": "MLP (local only, regression only)",
-                 "paper-scales": "genedml + neighbour (the paper's three scales)",
-                 "full-width": "genedml, encoders at the backbone width",
-                 "paper-loss-weights": "genedml, the paper's loss weights",
-                 "authors": "genedml as the authors (no named deviation)"}.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
+        label = ABLATION_LABELS.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
         rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
     if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)
