@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_config_file_supplies_flags_and_command_line_wins(tmp_path):
 def test_fit_flags_left_unset_keep_the_heads_defaults_and_set_ones_win():
     assert _head_settings("genedml", {"lambda_group": None, "groups": 18}, {}).lambda_group == 0.1
     assert _head_settings("genedml", {"lambda_group": 0.8}, {}).lambda_group == 0.8
+
+
+def test_cv_help_names_every_ablation():
+    import typer.main
+
+    from genedml.cli import app
+    from genedml.cv import ABLATIONS
+
+    cv = typer.main.get_command(app).commands["cv"]
+    help_text = next(p.help for p in cv.params if p.name == "ablation")
+    # an entry of the list, not a word in another entry's explanation ("as the authors")
+    missing = [a for a in ABLATIONS if not re.search(rf"(?:: |, ){re.escape(a)}(?: \(|,|\.)", help_text)]
+    assert not missing
 
 
 def test_cli_chain_extract_fit_predict_evaluate(data, tmp_path):
