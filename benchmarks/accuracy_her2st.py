@@ -1,13 +1,16 @@
-"""Accuracy on the real HER2ST sections: methods and Gene-DML ablations on identical folds and features.
+r"""Accuracy on the real HER2ST sections: methods and Gene-DML ablations on identical folds and features.
 
 Drives `genedml.cv.run_cv` (the same code as `genedml cv`) for each backbone, target smoothing and split
-family, then writes one JSON and one markdown table. Example (what benchmarks/RESULTS.md reports):
+family, then writes one JSON and one markdown table. The protocol of benchmarks/RESULTS.md's 0.8 and 0.9
+sections (on a CPU the encoders are shrunk to "CPU sizes"; leave the five --head-options out on a GPU to run
+every head setting at its default, the paper's sizes):
 
     python benchmarks/accuracy_her2st.py --data ../shared/data/her2st --backbones timm:resnet18,he-stats \
-        --seeds 2021,2022,2023 --epochs 100 --head-option dim=128 --out benchmarks/results/accuracy_her2st
+        --splits C-to-B4,loso-C --smooth off --models ridge-cv,genedml --ablations mlp --seeds 2021,2022,2023 \
+        --head-option dim=128 --head-option neighbor_depth=1 --head-option neighbor_mlp_ratio=1.0 \
+        --head-option global_depth=2 --head-option global_mlp_ratio=1.0
 
-With real weights: `--backbones uni --weights /path/to/uni/pytorch_model.bin` (drop `--head-option dim=128`
-on a GPU to use the paper's width).
+With real weights: `--backbones uni --weights /path/to/uni/pytorch_model.bin`.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backbones", default="timm:resnet18,he-stats")
     ap.add_argument("--weights", default=None, help="weights for a single --backbones entry (omit: random-init)")
     ap.add_argument("--splits", default=",".join(SPLITS))
-    ap.add_argument("--smooth", default="off,on", help="target smoothing settings to run: off, on or both")
+    ap.add_argument("--smooth", default="off,on", help="target smoothing settings to run: off, on or off,on")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--ablations", default=",".join(ABLATIONS))
     ap.add_argument("--retrieve-k", type=int, default=50)
