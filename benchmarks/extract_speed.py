@@ -1,4 +1,4 @@
-"""Extraction throughput on real slides vs the bare model forward, tile encodings per spot, peak memory.
+r"""Extraction throughput on real slides vs the bare model forward, tile encodings per spot, peak memory.
 
 For each backbone (random-init; the speed does not depend on the weights), in one process:
   (a) a real `run_extraction` (local + lattice-neighbour scales) into a temporary cache, timed wall-clock,

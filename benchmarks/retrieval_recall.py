@@ -1,4 +1,4 @@
-"""Approximate retrieval at scale: recall and prediction error of the ivf and ivfpq indexes vs exact flat.
+r"""Approximate retrieval at scale: recall and prediction error of the ivf and ivfpq indexes vs exact flat.
 
 On synthetic clustered unit vectors (points near `--clusters` random unit centres, spread along a
 `--rank`-d subspace per cluster plus a little isotropic noise: embeddings of tissue lie near a

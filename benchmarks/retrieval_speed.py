@@ -1,4 +1,4 @@
-"""Retrieval throughput: bare FAISS search vs genedml's retrieve_predict vs BLEEP-style brute force.
+r"""Retrieval throughput: bare FAISS search vs genedml's retrieve_predict vs BLEEP-style brute force.
 
 Measures, on one synthetic bank and query set, in the same process:
   (a) bare FAISS search of a flat inner-product index (queries/s),
