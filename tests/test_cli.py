@@ -11,8 +11,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import typer.main
 
-from genedml.cli import _default_map, _head_settings
+from genedml.cli import _default_map, _head_settings, app
+from genedml.cv import ABLATIONS
 from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 
 
@@ -63,11 +65,6 @@ def test_fit_flags_left_unset_keep_the_heads_defaults_and_set_ones_win():
 
 
 def test_cv_help_names_every_ablation():
-    import typer.main
-
-    from genedml.cli import app
-    from genedml.cv import ABLATIONS
-
     cv = typer.main.get_command(app).commands["cv"]
     help_text = next(p.help for p in cv.params if p.name == "ablation")
     # an entry of the list, not a word in another entry's explanation ("as the authors")

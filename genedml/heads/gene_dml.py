@@ -45,7 +45,8 @@ AUTO_INPUT_DROPOUT_MIN_WIDTH = 256
 # The weights of the two contrastive terms (the paper: instance 1, group λ = 0.8). At 0.1 the regression term
 # leads and the contrastive terms act as a regulariser. On her2st, random-init
 # ResNet18, C2-C6 -> B4: 0.293 -> 0.308 at CPU sizes (MLP 0.300), 0.296 -> 0.305 at paper sizes; he-stats
-# 0.327 -> 0.334; level within a patient and on three sections, except three sections at CPU sizes (-0.004).
+# 0.327 -> 0.334; within a patient 0.267 -> 0.272 (ResNet18, seed 2021) and level (he-stats); three sections
+# level at paper sizes and -0.004 at CPU sizes.
 # Both pathways off: 0.270 (benchmarks/RESULTS.md, "genedml 0.9").
 DEFAULT_CONTRASTIVE_WEIGHT = 0.1
 
