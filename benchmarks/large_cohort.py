@@ -29,11 +29,11 @@ sys.path.insert(0, str(HERE))
 
 import scale  # noqa: E402  (benchmarks/scale.py: the synthetic cohort)
 import small_cohort  # noqa: E402  (benchmarks/small_cohort.py: fit + score one head)
-from genedml.cv import ABLATIONS  # noqa: E402
+from genedml.ablations import ABLATIONS  # noqa: E402
 
 ROWS = {  # row name → (model, extra head settings)
     "ridge-cv": ("ridge-cv", {}),
-    "mlp": ("genedml", dict(ABLATIONS["mlp"])),  # the cv baseline row, the same settings
+    "mlp": ("genedml", dict(ABLATIONS["mlp"].overrides)),  # the cv baseline row, the same settings
     "genedml": ("genedml", {}),
 }
 

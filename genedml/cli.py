@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import genedml
+from genedml.ablations import ABLATION_HELP
 from genedml.errors import ConfigError, GenedmlError
 from genedml.progress import console, setup_logging
 
@@ -432,7 +433,7 @@ def cv(
     smooth: bool = typer.Option(False, help="3x3 smoothing of targets."),
     epochs: int = typer.Option(200, help="Maximum epochs."),
     seeds: str = typer.Option("2021", help="Comma-separated seeds (neural heads are run once per seed)."),
-    ablation: list[str] = typer.Option([], "--ablation", help="Extra genedml variants: no-group, no-instance, no-global, paper-scales (adds the neighbour scale: the authors' three scales), full-width (encoders at the backbone width, as the authors), no-input-dropout (no dropout on the backbone features, as the authors), paper-loss-weights (contrastive weights 1 and λ 0.8, as the authors), authors (all of these and average_weights=false: the authors' model), cld, mlp (local-only regression)."),
+    ablation: list[str] = typer.Option([], "--ablation", help=ABLATION_HELP),
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
     batch_size: int = typer.Option(512, help="Training batch size."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),

@@ -10,47 +10,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from genedml.ablations import ABLATIONS
 from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
 from genedml.errors import InputError
 from genedml.evaluate import score
 from genedml.fit import FitSettings, fit_model
-from genedml.heads.gene_dml import SCALES
 from genedml.targets import targets_at
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
 
 
 NEURAL_HEADS = {"genedml", "triplex", "bleep"}
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "no-group": {"group": False},
-    "no-instance": {"instance": False},
-    "no-global": {"scales": ["local"]},
-    # The default head leaves out the neighbour scale (gene_dml.DEFAULT_SCALES); this row puts it back.
-    "paper-scales": {"scales": list(SCALES)},
-    "cld": {"group_form": "cld"},
-    # The plain baseline every head must beat: a local-only regression MLP (no contrastive pathway).
-    "mlp": {"instance": False, "group": False, "scales": ["local"], "encoder_dim": 0},
-    # The encoders at the backbone width, as the authors' model (the default caps them at 128).
-    "full-width": {"encoder_dim": 0},
-    # No dropout on the backbone features, as the authors' model (the default drops 70 % of a wide backbone's).
-    "no-input-dropout": {"input_dropout": 0},
-    # The paper's loss weights (instance 1, group λ = 0.8; the default weighs both contrastive terms 0.1).
-    "paper-loss-weights": {"instance_weight": 1.0, "lambda_group": 0.8},
-}
-# The authors' model: every named deviation of the defaults undone at once (README, "Named deviations").
-NAMED_DEVIATIONS = ("paper-scales", "full-width", "no-input-dropout", "paper-loss-weights")
-ABLATIONS["authors"] = {k: v for name in NAMED_DEVIATIONS for k, v in ABLATIONS[name].items()} | {"average_weights": False}
-# How each row is named in cv tables; a row not listed here is "genedml − <what it removes>".
-ABLATION_LABELS = {
-    "cld": "genedml (CLD group form)",
-    "mlp": "MLP (local only, regression only)",
-    "paper-scales": "genedml + neighbour (the paper's three scales)",
-    "full-width": "genedml, encoders at the backbone width",
-    "paper-loss-weights": "genedml, the paper's loss weights",
-    "authors": "genedml as the authors (no named deviation)",
-}
+
+
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
 
@@ -114,8 +88,7 @@ def variants(settings: CVSettings) -> list[Variant]:
     for ablation in settings.ablations:
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown --ablation {ablation!r}; choose from {sorted(ABLATIONS)}.")
-        label = ABLATION_LABELS.get(ablation, f"genedml − {ablation.removeprefix('no-')}")  # "− group", not "−no-group"
-        rows.append(Variant(label, "genedml", tuple(ABLATIONS[ablation].items())))
+        rows.append(Variant(ABLATIONS[ablation].label, "genedml", tuple(ABLATIONS[ablation].overrides.items())))
     if settings.retrieve_k is not None:
         r = RetrievalSettings(k=settings.retrieve_k, blend=settings.blend)
         rows += [Variant(f"{m} + retrieval (k={r.k}, blend={r.blend:g})", m, (), r) for m in settings.models if m == "genedml"]

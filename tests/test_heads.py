@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from genedml.cv import ABLATIONS
+from genedml.ablations import ABLATIONS
 from genedml.errors import ConfigError, InputError
 from genedml.heads.base import setting_names
 from genedml.heads.registry import HEADS, accepted_settings, head_settings, load_head, make_head
 from genedml.heads.batch import BatchMaker
 from genedml.heads.features import SpotFeatures
-from genedml.heads.gene_dml import GeneDMLModel, GeneDMLSettings
+from genedml.heads.gene_dml import SCALES, GeneDMLModel, GeneDMLSettings
 from genedml.heads.layers import PEG, GlobalEncoder, NeighborEncoder
 from genedml.heads.training import WeightAverage
 
@@ -447,12 +447,17 @@ def test_loss_is_regression_plus_weighted_contrastive_terms(data: dict[str, Any]
 def test_default_contrastive_weights_are_0_1_and_cv_rows_restore_the_papers() -> None:
     model = GeneDMLModel(GeneDMLSettings(**SMALL), in_dim=64, n_genes=8)
     assert model.term_weights() == {"group": 0.1, "instance": 0.1}  # a named deviation (the paper: λ 0.8, instance 1)
-    paper = head_settings("genedml", ABLATIONS["paper-loss-weights"])
+    paper = head_settings("genedml", ABLATIONS["paper-loss-weights"].overrides)
     assert GeneDMLModel(paper, in_dim=64, n_genes=8).term_weights() == {"group": 0.8}  # the paper's instance term has no ×1 node
 
 
+def test_the_paper_scales_row_spells_out_every_scale_of_the_head() -> None:
+    # genedml.ablations lists the scales by name (it must not import torch); drift would drop or misname a scale.
+    assert tuple(ABLATIONS["paper-scales"].overrides["scales"]) == SCALES
+
+
 def test_the_authors_cv_row_undoes_every_named_deviation() -> None:
-    authors = head_settings("genedml", ABLATIONS["authors"])
+    authors = head_settings("genedml", ABLATIONS["authors"].overrides)
     assert authors.scales == ("local", "neighbor", "global") and authors.encoder_dim == 0
     assert authors.input_dropout == 0 and authors.instance_weight == 1.0 and authors.lambda_group == 0.8
     assert authors.average_weights is False
@@ -486,7 +491,7 @@ def test_default_encoder_width_is_capped_at_128_and_zero_keeps_the_backbone_widt
     assert isinstance(reference.input_proj, torch.nn.Identity) and reference.global_encoder.norm.normalized_shape == (512,)
     assert make_head("triplex").settings.encoder_dim == make_head("genedml").settings.encoder_dim == 128
     # The MLP baseline stays the plain local MLP at the backbone width; cv's full-width row is the authors' width.
-    assert ABLATIONS["mlp"]["encoder_dim"] == 0 and ABLATIONS["full-width"] == {"encoder_dim": 0}
+    assert ABLATIONS["mlp"].overrides["encoder_dim"] == 0 and ABLATIONS["full-width"].overrides == {"encoder_dim": 0}
 
 
 def test_an_encoder_width_the_heads_do_not_divide_is_a_config_error_before_training() -> None:
