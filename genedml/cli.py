@@ -59,6 +59,15 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _seeds(value: Optional[str]) -> list[int]:
+    """`--seeds 2021,2022` as integers (default 2021); anything else is a ConfigError, not a traceback."""
+    items = _csv(value) or ["2021"]
+    try:
+        return [int(s) for s in items]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers (e.g. 2021,2022,2023), got {value!r}.") from None
+
+
 def _key_values(items: list[str]) -> dict[str, Any]:
     """KEY=VALUE pairs; values parsed as JSON where possible (numbers, booleans, lists), else strings."""
     out: dict[str, Any] = {}
@@ -451,7 +460,7 @@ def cv(
 
     settings = CVSettings(
         by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
-        epochs=epochs, seeds=[int(s) for s in _csv(seeds) or ["2021"]], retrieve_k=retrieve_k, blend=blend,
+        epochs=epochs, seeds=_seeds(seeds), retrieve_k=retrieve_k, blend=blend,
         head={"batch_size": batch_size, "lr": lr, **_key_values(head_option)},
     )
     summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
@@ -504,7 +513,7 @@ def bench_paper(
     from genedml.bench.paper import PaperSettings, run_paper
 
     settings = PaperSettings(dataset=dataset, models=model, folds=fold or None, gene_list=gene_list, epochs=epochs,
-                             seeds=[int(s) for s in _csv(seeds) or ["2021"]], head=_key_values(head_option))
+                             seeds=_seeds(seeds), head=_key_values(head_option))
     summary = run_paper(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
     console.print(summary["markdown"])
 

@@ -81,6 +81,7 @@ def fill(args: tuple[str, ...], w: dict[str, Path]) -> list[str]:
 EXTRACT = ("extract", "{data}", "--backbone", "he-stats", "--cache", "{root}/c_new", "--patch-px", "64")
 FIT = ("fit", "--cache", "{cache}", "--data", "{data}", "--out", "{new}")
 FIT_NO_DATA = ("fit", "--cache", "{cache}", "--data", "{root}/no-such-data", "--out", "{new}")  # only fails if read
+CV_NO_DATA = ("cv", "{root}/no-such-data", "--cache", "{cache}", "--out", "{root}/cv_new")  # only fails if read
 PREDICT = ("predict", "{ridge}", "--out", "{root}/p_new")
 SLIDE = PREDICT + ("--slide", "{data}/SYN2.jpg")
 EVALUATE = ("evaluate", "--data", "{data}", "--out", "{root}/e_new")
@@ -129,6 +130,8 @@ CASES = [
     ("fit: val fraction 1.5", FIT_NO_DATA + ("--val-fraction", "1.5"), ["--val-fraction must be in [0, 1)"]),
     ("fit: unknown head", FIT_NO_DATA + ("--model", "genedmll"), ["unknown head 'genedmll'"]),
     ("fit: misspelt head option", FIT_NO_DATA + ("--head-option", "dimm=64"), ["unknown setting 'dimm'", "did you mean 'dim'"]),
+    ("fit: unknown head option, nothing close", FIT_NO_DATA + ("--head-option", "nonsense=1"),
+     ["unknown setting 'nonsense' for the genedml head. Valid settings: "]),
     ("fit: head option without =", FIT_NO_DATA + ("--head-option", "dim"), ["KEY=VALUE"]),
     ("fit: flag of another head", FIT_NO_DATA + ("--model", "ridge", "--lambda-group", "0.5"), ["--lambda-group does not apply to --model ridge"]),
     ("fit: misspelt config key", FIT_NO_DATA + ("--config", "{typo_toml}"), ["unknown key 'lamda-group'", "--lambda-group"]),
@@ -174,6 +177,9 @@ CASES = [
     ("evaluate: mpp 1e6", ("evaluate", "{pred}") + EVALUATE[1:] + ("--mpp", "1e6"), ["outside the plausible range"]),
     ("evaluate: not a model directory", ("evaluate", "{pred}") + EVALUATE[1:] + ("--model", "{folder}"), ["not a genedml model directory"]),
     ("evaluate: a damaged model", ("evaluate", "{pred}") + EVALUATE[1:] + ("--model", "{damaged}"), ["does not match its MANIFEST.json"]),
+    # cv
+    ("cv: seeds not integers", CV_NO_DATA + ("--seeds", "2021,abc"), ["--seeds takes comma-separated integers", "'2021,abc'"]),
+    ("cv: unknown ablation", CV_NO_DATA + ("--ablation", "no-groups"), ["Unknown --ablation 'no-groups'", "no-group"]),
     # export-h5
     ("export-h5: no cache there", ("export-h5", "{root}/no-cache", "{root}/h5"), ["does not exist"]),
     ("export-h5: cache is a file", ("export-h5", "{file}", "{root}/h5"), ["is a file"]),
@@ -188,7 +194,7 @@ MAKES_ITS_OUT_DIR_FIRST = {"export-h5: unknown sample"}
 
 def test_the_suite_is_broad():
     commands = {args[0] if args[0] != "data" else "data inspect" for _, args, _ in CASES}
-    assert len(CASES) >= 40 and commands == {"data inspect", "extract", "fit", "predict", "evaluate", "export-h5"}
+    assert len(CASES) >= 40 and commands == {"data inspect", "extract", "fit", "predict", "evaluate", "cv", "export-h5"}
 
 
 @pytest.mark.parametrize("case, args, words", CASES, ids=[c[0] for c in CASES])

@@ -72,7 +72,7 @@ def setting_names(settings_cls: type) -> list[str]:
 def unknown_setting(key: str, valid: list[str], where: str) -> ConfigError:
     """The error for a setting nobody accepts, naming the closest valid name."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {close[0]!r}?" if close else "."
     return ConfigError(f"unknown setting {key!r} for {where}{hint} Valid settings: {', '.join(valid)}.")
 
 
