@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("genedml.heads",),
     ("genedml.targets", "genedml.model_dir", "genedml.spots", "genedml.retrieval", "genedml.output", "genedml.plots"),
     ("genedml.fit", "genedml.predict", "genedml.evaluate"),
-    ("genedml.slide", "genedml.cv", "genedml.demo", "genedml.bench"),
+    ("genedml.slide", "genedml.ablations", "genedml.cv", "genedml.demo", "genedml.bench"),
     ("genedml.cli", "genedml.__main__"),
 ]
 
