@@ -147,3 +147,10 @@ def test_demo_runs_end_to_end_and_beats_a_shuffled_control(tmp_path):
     shuffled = np.nanmean(pearson_per_gene(truth[np.random.default_rng(0).permutation(len(truth))], pred.X))
     assert pcc > 0.15 and pcc > shuffled + 0.1, (pcc, shuffled)
     assert (tmp_path / "demo" / "eval_genedml" / "maps_SYN3.png").is_file()
+
+
+def test_importing_the_cli_does_not_import_torch():
+    # `genedml --help` and every error on a bad flag stay fast: the CLI's tables (help texts, ablations) are torch-free.
+    code = "import sys, genedml.cli; print(sorted(m for m in ('torch', 'timm', 'faiss') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
