@@ -423,7 +423,16 @@ def test_the_long_fit_warning_suggests_only_the_cpu_sizes_not_in_use(caplog: pyt
 
     with caplog.at_level("WARNING", logger="genedml"):
         make_head("genedml", {})._warn_if_long(60.0, torch.device("cpu"))
-    assert "--head-option dim=128" in caplog.text and "neighbor_depth=1" in caplog.text
+    assert "--head-option dim=128" in caplog.text and "global_depth=2" in caplog.text
+    assert "neighbor_" not in caplog.text  # the default head has no neighbour encoder to shrink
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genedml"):
+        make_head("genedml", {"scales": ["local", "neighbor", "global"]})._warn_if_long(60.0, torch.device("cpu"))
+    assert "neighbor_depth=1" in caplog.text and "global_depth=2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genedml"):
+        make_head("genedml", {"scales": ["local"]})._warn_if_long(60.0, torch.device("cpu"))  # the cv MLP row
+    assert "--head-option dim=128." in caplog.text and "global_" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="genedml"):
         make_head("genedml", CPU_SIZES)._warn_if_long(60.0, torch.device("cpu"))

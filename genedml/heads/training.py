@@ -328,8 +328,12 @@ class NeuralHead(Head):
         """After the first epoch: say how long the whole fit may take when that is more than half an hour."""
         worst = first_epoch_seconds * self.settings.epochs
         if worst > 1800:
-            # Suggest only the CPU sizes this run does not already use (the hint is noise otherwise).
-            larger = {k: v for k, v in CPU_SIZES.items() if getattr(self.settings, k, v) > v}
+            # Suggest only the CPU sizes this run does not already use, of the scales it encodes (the hint is noise
+            # otherwise: the default head and the MLP have no neighbour encoder).
+            scales = getattr(self.settings, "scales", ("neighbor", "global"))
+            larger = {k: v for k, v in CPU_SIZES.items() if getattr(self.settings, k, v) > v
+                      and not (k.startswith("neighbor_") and "neighbor" not in scales)
+                      and not (k.startswith("global_") and "global" not in scales)}
             hint = (" On a CPU, smaller encoders are much faster, e.g. " + " ".join(f"--head-option {k}={v}" for k, v in larger.items())
                     + "." if device.type == "cpu" and larger else "")
             log.warning("%s: the first epoch took %.0f s; up to %d epochs (early stopping usually ends sooner) may "
