@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blend", type=float, default=0.5)
     ap.add_argument("--folds", default=None, help="only these folds of each split, by test section (e.g. C5,C6; "
                     "each keeps the training sections it has in the full split)")
+    ap.add_argument("--resume", action="store_true", help="keep the runs an interrupted call with the same --out and "
+                    "settings finished (genedml cv --resume)")
     ap.add_argument("--seeds", default="2021,2022,2023")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--genes", type=int, default=250)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 out = args.out / backbone.replace(":", "_") / f"smooth-{smooth}" / split
                 summary = run_cv(args.data, cache, out, settings, read_kwargs={"samples_table": args.samples_table},
-                                 folds=pick_folds(spec, args.folds))
+                                 folds=pick_folds(spec, args.folds), resume=args.resume)
                 results["runs"].append({"backbone": backbone, "smooth": smooth, "split": split, "summary": summary})
                 md.append(f"### {backbone} · smoothing {smooth} · {split}\n\n{summary['markdown']}")
                 print(md[-1], flush=True)

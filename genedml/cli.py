@@ -449,6 +449,8 @@ def cv(
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
     allow_unusual_mpp: bool = UnusualMppOpt,
+    resume: bool = typer.Option(False, "--resume", help="Keep the runs an interrupted cv with the same settings and cache "
+                                "finished in --out, and do only the rest."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Leave-one-group-out cross-validation of one or more heads on the same cache and folds."""
@@ -463,7 +465,7 @@ def cv(
         epochs=epochs, seeds=_seeds(seeds), retrieve_k=retrieve_k, blend=blend,
         head={"batch_size": batch_size, "lr": lr, **_key_values(head_option)},
     )
-    summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
+    summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), resume=resume)
     console.print(summary["markdown"])
 
 

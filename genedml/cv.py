@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,9 +14,10 @@ from genedml.ablations import ABLATIONS
 from genedml.spots import load_spot_features
 from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
-from genedml.errors import InputError
+from genedml.errors import ConfigError, InputError
 from genedml.evaluate import score
 from genedml.fit import FitSettings, fit_model
+from genedml.jsonio import jsonable, write_json, write_text_atomic
 from genedml.targets import targets_at
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
@@ -103,57 +104,120 @@ def variant_settings(variant: Variant, settings: CVSettings, seed: int) -> Any:
     return head_settings(variant.model, dict(variant.overrides), shared=shared)
 
 
+RUNS_FILE = "cv_runs.json"  # one row per (fold, variant, seed), rewritten atomically as each run ends
+PLAN_FILE = "cv_plan.json"  # the settings, folds and cache the rows belong to; --resume requires it unchanged
+
+
+def fit_settings(variant: Variant, settings: CVSettings, seed: int, train: list[str] | None) -> FitSettings:
+    """The fit of one variant on one fold; building it validates every cv setting the fit uses."""
+    return FitSettings(
+        model=variant.model, genes=settings.genes, gene_list=settings.gene_list, log=settings.log, smooth=settings.smooth,
+        train_samples=train, seed=seed, head=variant_settings(variant, settings, seed),
+        # Closed-form heads never use a validation section: they train on every training section.
+        val_fraction=settings.val_fraction if variant.model in NEURAL_HEADS else 0.0,
+    )
+
+
+def check_settings(settings: CVSettings) -> None:
+    """Refuse any bad cv setting before a sample is read or a file written."""
+    if settings.by not in ("patient", "sample"):
+        raise ConfigError(f"--by must be 'patient' or 'sample', got {settings.by!r}.")
+    if not settings.seeds:
+        raise ConfigError("--seeds needs at least one seed.")
+    if len(set(settings.seeds)) != len(settings.seeds):
+        raise ConfigError(f"--seeds lists a seed twice ({settings.seeds}); each seed is one run.")
+    rows = variants(settings)
+    if not rows:
+        raise ConfigError("Nothing to run: give at least one --model or --ablation.")
+    for variant in rows:
+        fit_settings(variant, settings, settings.seeds[0], None)
+
+
 def run_cv(
     data: str | Path, cache_dir: str | Path, out: str | Path, settings: CVSettings, *,
-    read_kwargs: dict[str, Any] | None = None, folds: list[dict[str, Any]] | None = None,
+    read_kwargs: dict[str, Any] | None = None, folds: list[dict[str, Any]] | None = None, resume: bool = False,
 ) -> dict[str, Any]:
     """Fit/predict/evaluate every variant on every fold; write folds, per-run metrics and the summary.
 
     `folds` ({"name", "train", "test"} each) replaces the leave-one-group-out folds, e.g. a paper's own.
+    Every finished run is added to OUT/cv_runs.json at once; `resume` keeps the runs an interrupted call
+    with the same settings, folds and cache already finished, and does only the rest.
     The summary also carries the per-run rows under "runs".
     """
     from genedml.data import read_samples
 
-    for variant in variants(settings):  # every setting is checked before any work starts
-        variant_settings(variant, settings, settings.seeds[0])
+    check_settings(settings)
     cache = FeatureCache(cache_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ids = settings.samples or cache.samples()
     samples = read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})
     by_id = {s.sample_id: s for s in samples}
     folds = folds or make_folds(samples, settings.by, settings.test_samples)
-    runs: list[dict[str, Any]] = []
+    plan = _plan(settings, folds, cache)
+    runs = _finished_runs(out, plan) if resume else []
+    if not resume and (out / RUNS_FILE).is_file():
+        log.warning("%s holds runs of an earlier cv; starting over (pass --resume to keep the finished ones)", out / RUNS_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / PLAN_FILE, plan)
+    write_json(out / RUNS_FILE, runs)
+    done = {(r["fold"], r["variant"], r["seed"]) for r in runs}
     fitted: dict[tuple[str, str, int], Path] = {}
     for fold in folds:
         for variant in variants(settings):
             seeds = settings.seeds if variant.model in NEURAL_HEADS else settings.seeds[:1]
             for seed in seeds:
                 key = (fold["name"], variant.model + repr(variant.overrides), seed)
-                model_dir = fitted.get(key)
+                model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
+                if (fold["name"], variant.name, seed) in done:
+                    if model_dir.is_dir():  # a retrieval row still to run reuses it; loading it verifies it
+                        fitted[key] = model_dir
+                    continue
                 fit_seconds = 0.0
-                if model_dir is None:  # retrieval rows reuse the fitted regression model of the same fold
-                    model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
-                    # Closed-form heads never use a validation section: they train on every training section.
-                    fs = FitSettings(
-                        model=variant.model, genes=settings.genes, gene_list=settings.gene_list, log=settings.log,
-                        smooth=settings.smooth, train_samples=fold["train"],
-                        val_fraction=settings.val_fraction if variant.model in NEURAL_HEADS else 0.0, seed=seed,
-                        head=variant_settings(variant, settings, seed),
-                    )
+                if key not in fitted:  # retrieval rows reuse the fitted regression model of the same fold
                     t0 = time.perf_counter()
-                    fit_model(cache, None, model_dir, fs, samples=by_id, overwrite=True)  # cv's own output
+                    fit_model(cache, None, model_dir, fit_settings(variant, settings, seed, fold["train"]), samples=by_id,
+                              overwrite=True)  # cv's own output
                     fit_seconds = time.perf_counter() - t0
                     fitted[key] = model_dir
-                metrics = evaluate_fold(model_dir, cache, fold["test"], by_id, variant.retrieval)
-                row = {"fold": fold["name"], "variant": variant.name, "seed": seed, "fit_seconds": round(fit_seconds, 2), **metrics}
-                runs.append(row)
+                metrics = evaluate_fold(fitted[key], cache, fold["test"], by_id, variant.retrieval)
+                runs.append({"fold": fold["name"], "variant": variant.name, "seed": seed, "fit_seconds": round(fit_seconds, 2), **metrics})
+                write_json(out / RUNS_FILE, runs)
                 log.info("cv %s | %s | seed %d: PCC-ACG %.4f", fold["name"], variant.name, seed, metrics["pcc_acg"] or float("nan"))
     summary = summarise(runs, folds, settings, cache)
-    (out / "cv_runs.json").write_text(json.dumps(runs, indent=2))
-    (out / "cv_summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "cv_summary.md").write_text(summary["markdown"])
+    write_json(out / "cv_summary.json", summary)
+    write_text_atomic(out / "cv_summary.md", summary["markdown"])
     return summary | {"runs": runs}
+
+
+def _plan(settings: CVSettings, folds: list[dict[str, Any]], cache: FeatureCache) -> dict[str, Any]:
+    """What the rows of a cv depend on: its settings, folds, and the identity of every cached sample it reads."""
+    used = sorted({s for f in folds for s in f["train"] + f["test"]})
+    complete = set(cache.samples())
+    features = {s: cache.sample_attrs(s).get("integrity") for s in used if s in complete}
+    return jsonable({"format": "genedml-cv-plan/1", "settings": asdict(settings), "folds": folds,
+                     "cache": {"settings": cache.settings, "samples": features}})
+
+
+def _finished_runs(out: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs to keep on --resume: those of OUT's earlier cv, refused if it had other settings, folds or features."""
+    if not (out / PLAN_FILE).is_file() or not (out / RUNS_FILE).is_file():
+        log.info("--resume: %s has no earlier cv runs; starting from the first fold", out)
+        return []
+    try:
+        earlier = json.loads((out / PLAN_FILE).read_text())
+        runs = json.loads((out / RUNS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--resume: cannot read the earlier cv in {out} ({exc}); remove it or choose another --out.") from exc
+    changed = [k for k in ("format", "settings", "folds", "cache") if earlier.get(k) != plan[k]]
+    if changed:
+        detail = "; ".join(f"{k}.{name}" for k in changed if isinstance(plan[k], dict)
+                           for name in sorted(set(plan[k]) | set(earlier.get(k) or {})) if plan[k].get(name) != (earlier.get(k) or {}).get(name))
+        raise ConfigError(f"--resume: the cv in {out} was run with other {', '.join(changed)} ({detail or 'see ' + PLAN_FILE}); "
+                          "resume it with the same settings and cache, or choose another --out.")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and {"fold", "variant", "seed"} <= set(r) for r in runs):
+        raise InputError(f"--resume: {out / RUNS_FILE} is not a list of cv runs; remove it or choose another --out.")
+    log.info("--resume: keeping %d finished runs of %s", len(runs), out)
+    return runs
 
 
 def evaluate_fold(model_dir: Path, cache: FeatureCache, test_ids: list[str], samples: dict[str, Sample], retrieval: RetrievalSettings | None) -> dict[str, Any]:

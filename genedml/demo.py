@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from genedml.errors import InputError
+from genedml.jsonio import write_json, write_text_atomic
 from genedml.threads import threads_for_small_work, torch_threads
 
 
@@ -101,8 +101,8 @@ def _run_demo(out: Path, data: str | Path | None, backbone: str, epochs: int, sm
         rows.append((label, metrics["per_slide_mean"]))
     seconds = time.perf_counter() - start
     report = _report(source, backbone, summary or {}, train, val, test, rows, models, seconds, out)
-    (out / "report.md").write_text(report)
-    (out / "report.json").write_text(json.dumps({"rows": {k: {m: v[m] for m in METRIC_KEYS} for k, v in rows}, "seconds": seconds}, indent=2))
+    write_text_atomic(out / "report.md", report)
+    write_json(out / "report.json", {"rows": {k: {m: v[m] for m in METRIC_KEYS} for k, v in rows}, "seconds": seconds})
     return report
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from genedml.errors import InputError
+from genedml.jsonio import write_json
 from genedml.metrics import evaluate_predictions
 from genedml.model_dir import open_model_dir, read_targets
 from genedml.output import model_dir_of
@@ -78,7 +78,7 @@ def evaluate_dir(
     metrics["summary"] = summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     _write_per_gene(out / "per_gene.csv", metrics["per_gene"])
     pcc = np.array([np.nan if v is None else v for v in metrics["per_gene"]["pcc_pooled"]], dtype=float)
     pcc_distribution(pcc, out / "pcc_distribution.png", label="PCC per gene (pooled test spots)", note=note)

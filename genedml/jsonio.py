@@ -1,8 +1,10 @@
-"""The one JSON helper: plain JSON values from settings, numpy scalars/arrays and paths."""
+"""The one JSON helper: plain JSON values from settings, numpy scalars/arrays and paths, written atomically."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,3 +26,22 @@ def jsonable(value: Any) -> Any:
 def dumps(value: Any, indent: int | None = 2) -> str:
     """`json.dumps` with the same conversions as `jsonable`."""
     return json.dumps(value, indent=indent, default=_default)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """`value` as indented JSON (converted as by `jsonable`), written atomically."""
+    write_text_atomic(path, dumps(value))

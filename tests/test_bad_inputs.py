@@ -180,6 +180,9 @@ CASES = [
     # cv
     ("cv: seeds not integers", CV_NO_DATA + ("--seeds", "2021,abc"), ["--seeds takes comma-separated integers", "'2021,abc'"]),
     ("cv: unknown ablation", CV_NO_DATA + ("--ablation", "no-groups"), ["Unknown --ablation 'no-groups'", "no-group"]),
+    ("cv: unknown --by", CV_NO_DATA + ("--by", "slide"), ["--by must be 'patient' or 'sample'", "'slide'"]),
+    ("cv: genes 0", CV_NO_DATA + ("--genes", "0"), ["--genes must be an integer >= 1"]),
+    ("cv: a seed twice", CV_NO_DATA + ("--seeds", "7,7"), ["lists a seed twice"]),
     # export-h5
     ("export-h5: no cache there", ("export-h5", "{root}/no-cache", "{root}/h5"), ["does not exist"]),
     ("export-h5: cache is a file", ("export-h5", "{file}", "{root}/h5"), ["is a file"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -207,3 +208,22 @@ def test_real_section_prediction_has_her2st_spot_size(her2st_dir, tmp_path):
     assert max(view.hires.shape[:2]) <= HIRES_SIDE and view.hires_scale == pytest.approx(1 / 5)
     entry = view.uns()
     assert entry["scalefactors"]["tissue_lowres_scalef"] * c3.image.height == pytest.approx(entry["images"]["lowres"].shape[0], abs=1)
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_debris(tmp_path, monkeypatch):
+    import os
+
+    from genedml.jsonio import write_json
+
+    path = tmp_path / "cv_runs.json"
+    write_json(path, [{"fold": "A", "pcc": np.float32(0.5)}])
+    assert json.loads(path.read_text()) == [{"fold": "A", "pcc": 0.5}]
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError):
+        write_json(path, [{"fold": "A"}, {"fold": "B"}])
+    assert json.loads(path.read_text()) == [{"fold": "A", "pcc": 0.5}]
+    assert [p.name for p in tmp_path.iterdir()] == ["cv_runs.json"]

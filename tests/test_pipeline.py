@@ -14,7 +14,7 @@ from genedml.ablations import ABLATIONS
 from genedml.cv import CVSettings, make_folds, run_cv, variants
 from genedml.data import read_samples
 from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
-from genedml.errors import CacheMismatchError, ModelDirError
+from genedml.errors import CacheMismatchError, ConfigError, ModelDirError
 from genedml.evaluate import evaluate_dir
 from genedml.extract.runner import ExtractSettings, run_extraction
 from genedml.fit import FitSettings, fit_model, split_samples, validation_kind
@@ -178,3 +178,55 @@ def test_bleep_with_an_ivf_index_predicts_by_retrieval(dataset, tmp_path):
     (path,) = predict_cache(result.model_dir, root / "cache", tmp_path / "p", samples=["SYN3"], retrieval=RetrievalSettings(k=7))
     adata = ad.read_h5ad(path)
     assert adata.obsm["knn_index"].shape == (81, 7) and np.isfinite(adata.X).all()
+
+
+def _interrupt_on(monkeypatch, name: str, call: int) -> list[tuple]:
+    """Make genedml.cv.<name> raise KeyboardInterrupt on its `call`-th call (1-based); return the calls made."""
+    import genedml.cv
+
+    real, calls = getattr(genedml.cv, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(genedml.cv, name, wrapper)
+    return calls
+
+
+def test_cv_resume_does_only_what_an_interrupted_run_left(dataset, tmp_path, monkeypatch):
+    root, data = dataset
+    settings = CVSettings(by="patient", models=["ridge", "genedml"], genes=24, epochs=2, retrieve_k=5,
+                          head={"batch_size": 64, "lr": 1e-3, "groups": 6, "dim": 32})
+    full = run_cv(data, root / "cache", tmp_path / "full", settings)["runs"]
+    assert len(full) == 6  # 2 folds x (ridge, genedml, genedml + retrieval)
+    # Stopped while scoring the retrieval row of the first fold: its two other rows are on disk already.
+    _interrupt_on(monkeypatch, "evaluate_fold", 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(data, root / "cache", tmp_path / "cv", settings)
+    kept = json.loads((tmp_path / "cv" / "cv_runs.json").read_text())
+    assert [(r["fold"], r["variant"]) for r in kept] == [(full[0]["fold"], "ridge"), (full[0]["fold"], "genedml")]
+    monkeypatch.undo()
+    fits = _interrupt_on(monkeypatch, "fit_model", 0)  # counts only
+    resumed = run_cv(data, root / "cache", tmp_path / "cv", settings, resume=True)["runs"]
+    # The retrieval row reuses the first fold's genedml model; only the second fold is fitted.
+    assert [a[2].parent.parent.name for a in fits] == [full[3]["fold"]] * 2
+    assert [(r["fold"], r["variant"], r["seed"]) for r in resumed] == [(r["fold"], r["variant"], r["seed"]) for r in full]
+    assert resumed[:2] == kept
+    for a, b in zip(resumed, full):
+        assert a["pcc_acg"] == pytest.approx(b["pcc_acg"], abs=1e-6), (a["fold"], a["variant"])
+
+
+def test_cv_resume_refuses_other_settings_before_any_fit(dataset, tmp_path, monkeypatch):
+    root, data = dataset
+    settings = CVSettings(by="patient", models=["ridge"], genes=24)
+    run_cv(data, root / "cache", tmp_path / "cv", settings)
+    fits = _interrupt_on(monkeypatch, "fit_model", 0)
+    with pytest.raises(ConfigError, match=r"other settings \(settings.genes\)"):
+        run_cv(data, root / "cache", tmp_path / "cv", CVSettings(by="patient", models=["ridge"], genes=20), resume=True)
+    assert not fits
+    # Nothing left to do: a resume of a finished cv fits nothing and gives the same table.
+    again = run_cv(data, root / "cache", tmp_path / "cv", settings, resume=True)
+    assert not fits and len(again["runs"]) == 2

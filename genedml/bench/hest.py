@@ -31,7 +31,7 @@ from genedml.cache.store import FeatureCache
 from genedml.errors import CacheMismatchError, InputError
 from genedml.fit import split_samples
 from genedml.heads.features import SpotFeatures
-from genedml.jsonio import jsonable
+from genedml.jsonio import write_json, write_text_atomic
 from genedml.log import log
 from genedml.metrics import pearson_per_gene
 from genedml.spots import load_spot_features
@@ -250,10 +250,10 @@ def run_hest_bench(bench_dir: str | Path, cache_dir: str | Path, out: str | Path
             for split in splits:
                 truth, pred, facts = fit_predict(model, settings, cache, task_dir, split, genes)
                 split_results.append(_split_result(truth, pred, genes, facts))
-                _write_json(out / task_dir.name / model / f"split{split.index}" / "results.json", split_results[-1])
+                write_json(out / task_dir.name / model / f"split{split.index}" / "results.json", split_results[-1])
                 log.info("hest %s | %s | split %d: Pearson %.4f", task_dir.name, model, split.index, split_results[-1]["pearson_mean"])
             kfold = merge_splits(split_results)
-            _write_json(out / task_dir.name / model / "results_kfold.json", kfold)
+            write_json(out / task_dir.name / model / "results_kfold.json", kfold)
             per_model.append({"encoder_name": _row_name(backbone, model), "head": model, **{k: kfold[k] for k in ("pearson_mean", "pearson_std", "mean_per_split")}})
         results.append({"dataset_name": task_dir.name, "results": per_model})
     average = {r["encoder_name"]: float(np.mean([t["pearson_mean"] for d in results for t in d["results"] if t["encoder_name"] == r["encoder_name"]]))
@@ -261,8 +261,8 @@ def run_hest_bench(bench_dir: str | Path, cache_dir: str | Path, out: str | Path
     summary = {"results": results, "average": average, "backbone": backbone, "weights": cache.settings.get("weights"),
                "geometry": _geometry(cache), "protocol": PROTOCOL}
     summary["markdown"] = markdown(summary)
-    _write_json(out / "dataset_results.json", {k: v for k, v in summary.items() if k != "markdown"})
-    (out / "hest_bench.md").write_text(summary["markdown"])
+    write_json(out / "dataset_results.json", {k: v for k, v in summary.items() if k != "markdown"})
+    write_text_atomic(out / "hest_bench.md", summary["markdown"])
     return summary
 
 
@@ -340,6 +340,3 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(value), indent=2))

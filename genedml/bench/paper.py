@@ -33,6 +33,7 @@ import numpy as np
 from genedml.cache.store import FeatureCache
 from genedml.cv import CVSettings, run_cv
 from genedml.errors import ConfigError, InputError
+from genedml.jsonio import write_json, write_text_atomic
 from genedml.log import log
 
 N_GENES = 250
@@ -215,7 +216,7 @@ def run_paper(data: str | Path, cache_dir: str | Path, out: str | Path, settings
     panel_note = "training-only panel: top 250 genes by mean on each fold's training sections (the authors' list was not found)"
     if gene_file is not None:
         genes = read_gene_list(gene_file)
-        (out / "genes.txt").write_text("\n".join(genes) + "\n")
+        write_text_atomic(out / "genes.txt", "\n".join(genes) + "\n")
         panel_note = f"fixed panel: {len(genes)} genes from {gene_file}"
     # The paper's tuned K and batch size; ridge gets an intercept because MSE is reported (HEST's no-intercept
     # probe would predict centred values). --head-option values win.
@@ -233,8 +234,8 @@ def run_paper(data: str | Path, cache_dir: str | Path, out: str | Path, settings
         "backbone": cv["backbone"], "weights": cv["weights"], "published": dict(dataset.published),
     }
     summary["markdown"] = markdown(summary, dataset)
-    (out / "paper_summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"}, indent=2))
-    (out / "paper_summary.md").write_text(summary["markdown"])
+    write_json(out / "paper_summary.json", {k: v for k, v in summary.items() if k != "markdown"})
+    write_text_atomic(out / "paper_summary.md", summary["markdown"])
     return summary
 
 
