@@ -39,6 +39,8 @@ MppOpt = typer.Option(None, help="µm per level-0 pixel for all samples (overrid
 SamplesTableOpt = typer.Option(None, help="CSV sample_id,patient_id[,mpp] (default: DATA/samples.csv when present).")
 ImageOpt = typer.Option(None, help="Full-resolution image (AnnData / Space Ranger inputs).")
 UnusualMppOpt = typer.Option(False, "--allow-unusual-mpp", help="Accept µm/px outside 0.05–20 (checked before any work).")
+ResumeOpt = typer.Option(False, "--resume", help="Keep the runs an interrupted call with the same settings, folds and "
+                         "features finished in --out, and do only the rest.")
 
 
 def _version(value: bool) -> None:
@@ -449,8 +451,7 @@ def cv(
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
     allow_unusual_mpp: bool = UnusualMppOpt,
-    resume: bool = typer.Option(False, "--resume", help="Keep the runs an interrupted cv with the same settings and cache "
-                                "finished in --out, and do only the rest."),
+    resume: bool = ResumeOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Leave-one-group-out cross-validation of one or more heads on the same cache and folds."""
@@ -510,13 +511,14 @@ def bench_paper(
     head_option: list[str] = typer.Option([], "--head-option", help="Any head setting as KEY=VALUE for every fit (repeatable)."),
     mpp: Optional[float] = MppOpt,
     samples_table: Optional[Path] = SamplesTableOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Gene-DML / TRIPLEX protocol: the authors' patient folds, targets and per-slide PCC (ACG/HEG/HVG/HPG)."""
     from genedml.bench.paper import PaperSettings, run_paper
 
     settings = PaperSettings(dataset=dataset, models=model, folds=fold or None, gene_list=gene_list, epochs=epochs,
                              seeds=_seeds(seeds), head=_key_values(head_option))
-    summary = run_paper(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table))
+    summary = run_paper(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), resume=resume)
     console.print(summary["markdown"])
 
 

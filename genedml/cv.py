@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -194,8 +195,11 @@ def _plan(settings: CVSettings, folds: list[dict[str, Any]], cache: FeatureCache
     used = sorted({s for f in folds for s in f["train"] + f["test"]})
     complete = set(cache.samples())
     features = {s: cache.sample_attrs(s).get("integrity") for s in used if s in complete}
-    return jsonable({"format": "genedml-cv-plan/1", "settings": asdict(settings), "folds": folds,
-                     "cache": {"settings": cache.settings, "samples": features}})
+    plan = {"format": "genedml-cv-plan/1", "settings": asdict(settings), "folds": folds,
+            "cache": {"settings": cache.settings, "samples": features}}
+    if settings.gene_list is not None:  # the panel is the file's content, not its name
+        plan["settings"]["gene_list_sha256"] = hashlib.sha256(Path(settings.gene_list).read_bytes()).hexdigest()
+    return jsonable(plan)
 
 
 def _finished_runs(out: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:

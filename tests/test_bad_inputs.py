@@ -236,3 +236,16 @@ def test_an_image_smaller_than_one_patch_is_a_warning_not_an_error(w, tmp_path):
                      "--mpp-target", "1.0", "--mpp", "0.05", "--samples", "SYN0", "--scales", "local")
     assert code == 0, text
     assert "smaller than one patch" in text and "padded with white" in text
+
+
+def test_cv_resume_with_other_settings_is_one_clear_error(w, tmp_path):
+    args = ("cv", str(w["data"]), "--cache", str(w["cache"]), "--out", str(tmp_path / "cv"), "--model", "ridge", "--by", "sample")
+    code, text = cli(*args, "--genes", "10")
+    assert code == 0, text
+    runs = (tmp_path / "cv" / "cv_runs.json").read_text()
+    code, text = cli(*args, "--genes", "12", "--resume")
+    assert code == 2 and "Traceback" not in text, text
+    assert "--resume" in text and "settings.genes" in text and "choose another --out" in text, text
+    assert (tmp_path / "cv" / "cv_runs.json").read_text() == runs  # the finished runs are kept as they were
+    code, text = cli(*args, "--genes", "10", "--resume")
+    assert code == 0 and "| ridge |" in text, text

@@ -230,3 +230,15 @@ def test_cv_resume_refuses_other_settings_before_any_fit(dataset, tmp_path, monk
     # Nothing left to do: a resume of a finished cv fits nothing and gives the same table.
     again = run_cv(data, root / "cache", tmp_path / "cv", settings, resume=True)
     assert not fits and len(again["runs"]) == 2
+
+
+def test_cv_resume_refuses_a_gene_list_whose_content_changed(dataset, tmp_path):
+    root, data = dataset
+    genes = tmp_path / "genes.txt"
+    panel = list(read_samples(data)[0].genes[:12])
+    genes.write_text("\n".join(panel) + "\n")
+    settings = CVSettings(by="patient", models=["ridge"], genes=12, gene_list=genes)
+    run_cv(data, root / "cache", tmp_path / "cv", settings)
+    genes.write_text("\n".join(panel[::-1][:10]) + "\n")  # same path, other panel
+    with pytest.raises(ConfigError, match="gene_list_sha256"):
+        run_cv(data, root / "cache", tmp_path / "cv", settings, resume=True)

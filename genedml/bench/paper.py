@@ -192,8 +192,14 @@ def plan_folds(dataset: PaperDataset, sections: Mapping[str, str], wanted: Seque
     return folds, missing
 
 
-def run_paper(data: str | Path, cache_dir: str | Path, out: str | Path, settings: PaperSettings, *, read_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the paper's folds that the data has, with its targets; write paper_summary.{json,md} and the cv files."""
+def run_paper(
+    data: str | Path, cache_dir: str | Path, out: str | Path, settings: PaperSettings, *,
+    read_kwargs: dict[str, Any] | None = None, resume: bool = False,
+) -> dict[str, Any]:
+    """Run the paper's folds that the data has, with its targets; write paper_summary.{json,md} and the cv files.
+
+    `resume` keeps the runs an interrupted call with the same settings finished (see `genedml.cv.run_cv`).
+    """
     dataset = DATASETS[settings.dataset]
     data, out = Path(data), Path(out)
     cache = FeatureCache(cache_dir)
@@ -226,7 +232,8 @@ def run_paper(data: str | Path, cache_dir: str | Path, out: str | Path, settings
         genes=N_GENES, gene_list=(out / "genes.txt") if gene_file is not None else None, log="log10", smooth=True,
         epochs=settings.epochs, seeds=list(settings.seeds), val_fraction=settings.val_fraction, head=head,
     )
-    cv = run_cv(data, cache_dir, out, cv_settings, read_kwargs=read_kwargs, folds=[{k: f[k] for k in ("name", "train", "test")} for f in folds])
+    cv = run_cv(data, cache_dir, out, cv_settings, read_kwargs=read_kwargs, resume=resume,
+                folds=[{k: f[k] for k in ("name", "train", "test")} for f in folds])
     hpg = hpg_scores(cv["runs"], fixed_panel=gene_file is not None)
     summary = {
         "dataset": dataset.name, "folds_run": [f["name"] for f in folds], "folds_missing": missing,
