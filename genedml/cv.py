@@ -162,6 +162,7 @@ def run_cv(
     write_json(out / PLAN_FILE, plan)
     write_json(out / RUNS_FILE, runs)
     done = {(r["fold"], r["variant"], r["seed"]) for r in runs}
+    total = len(folds) * sum(len(settings.seeds) if v.model in NEURAL_HEADS else 1 for v in variants(settings))
     fitted: dict[tuple[str, str, int], Path] = {}
     for fold in folds:
         for variant in variants(settings):
@@ -183,7 +184,8 @@ def run_cv(
                 metrics = evaluate_fold(fitted[key], cache, fold["test"], by_id, variant.retrieval)
                 runs.append({"fold": fold["name"], "variant": variant.name, "seed": seed, "fit_seconds": round(fit_seconds, 2), **metrics})
                 write_json(out / RUNS_FILE, runs)
-                log.info("cv %s | %s | seed %d: PCC-ACG %.4f", fold["name"], variant.name, seed, metrics["pcc_acg"] or float("nan"))
+                log.info("cv run %d/%d, %s | %s | seed %d: PCC-ACG %.4f", len(runs), total, fold["name"], variant.name, seed,
+                         metrics["pcc_acg"] or float("nan"))
     summary = summarise(runs, folds, settings, cache)
     write_json(out / "cv_summary.json", summary)
     write_text_atomic(out / "cv_summary.md", summary["markdown"])
