@@ -21,7 +21,7 @@ from genedml.errors import CacheMismatchError, ConfigError, InputError
 from genedml.heads.features import SpotFeatures, StreamedSpots
 from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, check_model_out, fit_prototypes, staged_model_dir
 from genedml.metrics import mean_gene_pcc
-from genedml.targets import TargetSpec, fit_targets, targets_at
+from genedml.targets import LOG_KINDS, TargetSpec, fit_targets, targets_at
 from genedml.threads import threads_for_head, torch_threads
 from genedml.log import log
 
@@ -87,6 +87,8 @@ class FitSettings:
             raise ConfigError(f"--genes must be an integer >= 1, got {self.genes!r}")
         if self.gene_select not in GENE_SELECT:
             raise ConfigError(f"--gene-select must be one of {', '.join(GENE_SELECT)}, got {self.gene_select!r}")
+        if self.log not in LOG_KINDS:
+            raise ConfigError(f"--log must be one of {', '.join(LOG_KINDS)}, got {self.log!r}")
         if self.normalize_over not in ("panel", "all"):
             raise ConfigError(f"--normalize-over must be panel or all, got {self.normalize_over!r}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -182,6 +182,7 @@ CASES = [
     ("cv: unknown ablation", CV_NO_DATA + ("--ablation", "no-groups"), ["Unknown --ablation 'no-groups'", "no-group"]),
     ("cv: unknown --by", CV_NO_DATA + ("--by", "slide"), ["--by must be 'patient' or 'sample'", "'slide'"]),
     ("cv: genes 0", CV_NO_DATA + ("--genes", "0"), ["--genes must be an integer >= 1"]),
+    ("fit: unknown --log", FIT_NO_DATA + ("--log", "ln"), ["--log must be one of log1p, log10", "'ln'"]),
     ("cv: a seed twice", CV_NO_DATA + ("--seeds", "7,7"), ["lists a seed twice"]),
     # export-h5
     ("export-h5: no cache there", ("export-h5", "{root}/no-cache", "{root}/h5"), ["does not exist"]),
