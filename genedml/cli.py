@@ -195,7 +195,7 @@ def extract(
     patch_px: int = typer.Option(224, help="Patch side in pixels fed to the backbone."),
     batch_size: int = typer.Option(64, help="Model batch size."),
     workers: Optional[int] = typer.Option(None, help="Patch-reading threads (default: 1 on CPU, several on GPU; 0 = main thread)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps."),
     dtype: str = typer.Option("float16", help="Storage dtype of the features."),
     overwrite: bool = typer.Option(False, help="Recompute samples already complete in the cache."),
     mpp: Optional[float] = MppOpt,
@@ -376,7 +376,7 @@ def predict(
     pitch_um: Optional[float] = typer.Option(None, help="Virtual-spot pitch for --slide (default: the training spot pitch)."),
     genes: Optional[str] = typer.Option(None, help="Genes to map for --slide (default: the 6 most highly expressed)."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights for --slide (must match the model's hash)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps (--slide only: the backbone's device)."),
     allow_unusual_mpp: bool = UnusualMppOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -384,7 +384,10 @@ def predict(
     from genedml.predict import Predictor, RetrievalSettings, predict_cache
     from genedml.slide import predict_slide
 
+    from genedml.devices import check_device
+
     retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k is not None else None
+    check_device(device)
     _out_dir(out)
     if slide is not None:
         if cache is not None or samples is not None:
@@ -395,9 +398,12 @@ def predict(
         paths = predict_slide(Predictor(model_dir), slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval,
                               weights=weights, device=device, allow_unusual_mpp=allow_unusual_mpp)
     else:
-        only_slide = [flag for flag, value in (("--mpp", mpp), ("--pitch-um", pitch_um), ("--genes", genes), ("--weights", weights)) if value is not None]
+        given = (("--mpp", mpp), ("--pitch-um", pitch_um), ("--genes", genes), ("--weights", weights), ("--device", None if device == "auto" else device))
+        only_slide = [flag for flag, value in given if value is not None]
         if only_slide:
-            raise ConfigError(f"{', '.join(only_slide)} apply only to predict --slide; cached samples keep the settings they were extracted with.")
+            verb = "applies" if len(only_slide) == 1 else "apply"
+            raise ConfigError(f"{', '.join(only_slide)} {verb} only to predict --slide; cached samples keep the settings they were "
+                              "extracted with, and their heads run on the head's own device.")
         if cache is None:
             raise ConfigError("predict needs --cache (cached samples) or --slide (a new image).")
         _existing_cache(cache)

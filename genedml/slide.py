@@ -131,7 +131,7 @@ def predict_slide(
     sample = Sample(sample_id, sample_id, mpp, barcodes, centers, image, array_coords=grid, source="slide")
     log.info("%s: %d virtual spots at %.1f µm pitch over detected tissue", sample_id, len(centers), pitch)
 
-    from genedml.extract.runner import resolve_device
+    from genedml.devices import resolve_device
 
     random_init = cs.get("weights") == "random-init"
     backbone = load_backbone(cs["backbone"], weights=weights, random_init=random_init, device=str(resolve_device(device)))

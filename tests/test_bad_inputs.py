@@ -98,6 +98,7 @@ CASES = [
     ("inspect: mpp 1e6", ("data", "inspect", "{data}", "--mpp", "1e6"), ["outside the plausible range"]),
     # extract
     ("extract: batch size 0", EXTRACT + ("--batch-size", "0"), ["--batch-size must be an integer >= 1"]),
+    ("extract: unknown device", EXTRACT + ("--device", "tpu"), ["--device must be auto, cpu, cuda, cuda:N or mps", "'tpu'"]),
     ("extract: workers -1", EXTRACT + ("--workers", "-1"), ["--workers must be >= 0"]),
     ("extract: patch px 0", EXTRACT + ("--patch-px", "0"), ["--patch-px", "must be positive"]),
     ("extract: cache is a file", ("extract", "{data}", "--backbone", "he-stats", "--cache", "{file}"), ["is a file"]),
@@ -151,6 +152,8 @@ CASES = [
     ("fit: missing gene list", FIT_NO_DATA + ("--gene-list", "{root}/genes.txt"), ["--gene-list", "is not a file"]),
     # predict
     ("predict: retrieve-k 0", PREDICT + ("--cache", "{cache}", "--retrieve-k", "0"), ["--retrieve-k must be an integer >= 1"]),
+    ("predict: unknown device", PREDICT + ("--cache", "{cache}", "--device", "gpu"), ["--device must be auto, cpu, cuda, cuda:N or mps"]),
+    ("predict: --device without --slide", PREDICT + ("--cache", "{cache}", "--device", "cpu"), ["--device applies only to predict --slide"]),
     ("predict: retrieve-k -3", PREDICT + ("--cache", "{cache}", "--retrieve-k", "-3"), ["--retrieve-k must be an integer >= 1"]),
     ("predict: retrieve-k 0 from a config", PREDICT + ("--cache", "{cache}", "--config", "{predict_toml}"), ["--retrieve-k must be an integer >= 1"]),
     ("predict: blend 2", PREDICT + ("--cache", "{cache}", "--retrieve-k", "3", "--blend", "2"), ["--blend must be in [0, 1]"]),
@@ -163,7 +166,7 @@ CASES = [
     ("predict: --slide mpp 1e6", SLIDE + ("--mpp", "1e6"), ["outside the plausible range"]),
     ("predict: --slide pitch 0", SLIDE + ("--mpp", "1.0", "--pitch-um", "0"), ["--pitch-um must be > 0"]),
     ("predict: --slide is missing", PREDICT + ("--slide", "{root}/none.jpg", "--mpp", "1.0"), ["is not a file"]),
-    ("predict: slide-only flags without --slide", PREDICT + ("--cache", "{cache}", "--genes", "A"), ["--genes", "apply only to predict --slide"]),
+    ("predict: slide-only flags without --slide", PREDICT + ("--cache", "{cache}", "--genes", "A", "--mpp", "1"), ["--mpp, --genes apply only to predict --slide"]),
     ("predict: neither cache nor slide", PREDICT, ["needs --cache", "--slide"]),
     ("predict: cache is a file", PREDICT + ("--cache", "{file}"), ["--cache", "is a file"]),
     ("predict: out is a file", ("predict", "{ridge}", "--cache", "{cache}", "--out", "{file}"), ["--out", "is a file"]),

@@ -60,3 +60,21 @@ def test_small_work_also_limits_the_blas_and_openmp_pools(default_threads):
         assert torch.get_num_threads() == 1
         assert {p["num_threads"] for p in threadpoolctl.threadpool_info()} == {1}
     assert torch.get_num_threads() == 2
+
+
+def test_device_names_are_checked_without_hardware_and_resolved_with_it():
+    import pytest
+    import torch
+
+    from genedml.devices import check_device, resolve_device
+    from genedml.errors import ConfigError, InputError
+
+    for good in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        assert check_device(good) == good
+    for bad in ("tpu", "gpu", "cuda:", "cuda:x", "CPU", "", None, 0):
+        with pytest.raises(ConfigError, match="must be auto, cpu, cuda, cuda:N or mps"):
+            check_device(bad, "--device")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="numbered from 0" if torch.cuda.is_available() else "sees no CUDA device"):
+        resolve_device("cuda:99")

@@ -26,7 +26,8 @@ from genedml.cache.store import FeatureCache, check_cache_path
 from genedml.data.sample import Sample
 from genedml.errors import GenedmlError
 from genedml.extract.geometry import check_patch_geometry
-from genedml.extract.runner import ExtractSettings, reports_summary, resolve_device, run_extraction
+from genedml.devices import resolve_device
+from genedml.extract.runner import ExtractSettings, reports_summary, run_extraction
 from genedml.log import log
 
 

@@ -19,6 +19,7 @@ from genedml.data.sample import Sample
 from genedml.backbones.timm_encoder import ALL_TOKENS
 from genedml.backbones.token_cells import cell_sizes
 from genedml.data.spots import snap_to_grid
+from genedml.devices import check_device, resolve_device
 from genedml.errors import CacheLockedError, CacheMismatchError, ConfigError, GenedmlError, InputError
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
@@ -62,6 +63,7 @@ class ExtractSettings:
             raise ConfigError(f"--batch-size must be an integer >= 1 (patches per model call), got {self.batch_size!r}.")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0 (0 = read patches in the main thread), got {self.workers!r}.")
+        check_device(self.device)
 
     @property
     def geometry(self) -> Geometry:
@@ -100,14 +102,6 @@ class SampleReport:
     @property
     def tiles_per_spot(self) -> float:
         return (self.tiles_local + self.tiles_neighbor) / max(1, self.spots)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but torch sees no CUDA device (try --device cpu).")
-    return torch.device(device)
 
 
 def reader_threads(device: torch.device) -> int:

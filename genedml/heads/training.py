@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genedml.devices import check_device, resolve_device
 from genedml.errors import ConfigError, ModelDirError
 from genedml.heads.base import FORMAT_VERSION, WEIGHTS, Head, Progress, check_targets, read_saved, write_head_json
 from genedml.heads.batch import Batch, BatchMaker
@@ -94,13 +95,10 @@ class TrainSettings:
             raise ConfigError(f"head setting gamma must be in (0, 1], got {self.gamma!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"head setting weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
-            raise ConfigError(f"head setting device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device, "head setting device")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device, "head setting device")
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype for training on `device`, or None for plain fp32."""
