@@ -97,11 +97,14 @@ def _head_settings(model: str, generic: dict[str, Any], options: dict[str, Any])
     from genedml.heads.registry import accepted_settings, head_settings
 
     accepted = accepted_settings(model)
-    for key, value in generic.items():
-        if key not in accepted and value != GENERIC_HEAD_DEFAULTS.get(key):
+    # A flag left at fit's default keeps the head's own default (TRIPLEX has no contrastive pathways, so
+    # passing fit's instance=True, group=True would refuse `--model triplex`).
+    given = {key: value for key, value in generic.items() if value != GENERIC_HEAD_DEFAULTS.get(key)}
+    for key in given:
+        if key not in accepted:
             flag = {"instance": "--no-instance", "group": "--no-group"}.get(key, "--" + key.replace("_", "-"))
             raise GenedmlError(f"{flag} does not apply to --model {model} (it has no setting {key!r}).")
-    return head_settings(model, options, shared=generic)
+    return head_settings(model, options, shared=given)
 
 
 def _check_mpp(mpp: Optional[float], allow_unusual: bool, flag: str = "--mpp") -> None:

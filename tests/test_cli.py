@@ -62,6 +62,28 @@ def test_config_file_supplies_flags_and_command_line_wins(tmp_path):
 def test_fit_flags_left_unset_keep_the_heads_defaults_and_set_ones_win():
     assert _head_settings("genedml", {"lambda_group": None, "groups": 18}, {}).lambda_group == 0.1
     assert _head_settings("genedml", {"lambda_group": 0.8}, {}).lambda_group == 0.8
+    # fit's flags at their defaults (instance and group on) leave TRIPLEX without contrastive pathways.
+    triplex = _head_settings("triplex", {"instance": True, "group": True, "epochs": 200, "lr": 1e-4}, {})
+    assert (triplex.instance, triplex.group) == (False, False)
+    assert _head_settings("triplex", {"instance": False, "epochs": 7}, {}).epochs == 7
+
+
+def test_fit_every_head_with_default_flags(data, tmp_path):
+    from genedml.cli import main
+
+    def cli(*args: str) -> int:  # in-process: one torch import for the whole test
+        try:
+            main([str(a) for a in args])
+        except SystemExit as done:
+            return int(done.code or 0)
+        return 0
+
+    cache = tmp_path / "cache"
+    assert cli("extract", data, "--backbone", "he-stats", "--cache", cache, "--patch-px", "64", "--mpp-target", "1.0") == 0
+    for model in ("genedml", "triplex", "bleep", "ridge", "ridge-cv"):
+        short = [] if model.startswith("ridge") else ["--epochs", "1", "--head-option", "min_epoch_steps=1"]
+        assert cli("fit", "--cache", cache, "--data", data, "--out", tmp_path / model, "--model", model, "--genes", "10", *short) == 0, model
+        assert json.loads((tmp_path / model / "config.json").read_text())["model"] == model
 
 
 def test_cv_help_names_every_ablation():
