@@ -127,6 +127,10 @@ def check_settings(settings: CVSettings) -> None:
         raise ConfigError("--seeds needs at least one seed.")
     if len(set(settings.seeds)) != len(settings.seeds):
         raise ConfigError(f"--seeds lists a seed twice ({settings.seeds}); each seed is one run.")
+    for flag, ids in (("--samples", settings.samples), ("--test-samples", settings.test_samples)):
+        twice = sorted({i for i in ids or [] if list(ids).count(i) > 1})
+        if twice:
+            raise ConfigError(f"{flag} lists {', '.join(twice)} more than once.")
     rows = variants(settings)
     if not rows:
         raise ConfigError("Nothing to run: give at least one --model or --ablation.")

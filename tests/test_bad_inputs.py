@@ -187,6 +187,7 @@ CASES = [
     ("cv: genes 0", CV_NO_DATA + ("--genes", "0"), ["--genes must be an integer >= 1"]),
     ("fit: unknown --log", FIT_NO_DATA + ("--log", "ln"), ["--log must be one of log1p, log10", "'ln'"]),
     ("cv: a seed twice", CV_NO_DATA + ("--seeds", "7,7"), ["lists a seed twice"]),
+    ("cv: a test sample twice", CV_NO_DATA + ("--test-samples", "SYN0,SYN0"), ["--test-samples lists SYN0 more than once"]),
     # export-h5
     ("export-h5: no cache there", ("export-h5", "{root}/no-cache", "{root}/h5"), ["does not exist"]),
     ("export-h5: cache is a file", ("export-h5", "{file}", "{root}/h5"), ["is a file"]),
