@@ -87,6 +87,14 @@ class FitSettings:
             raise ConfigError(f"--genes must be an integer >= 1, got {self.genes!r}")
         if self.gene_select not in GENE_SELECT:
             raise ConfigError(f"--gene-select must be one of {', '.join(GENE_SELECT)}, got {self.gene_select!r}")
+        for flag, ids in (("--train-samples", self.train_samples), ("--val-samples", self.val_samples)):
+            twice = sorted({i for i in ids or [] if list(ids).count(i) > 1})
+            if twice:
+                raise ConfigError(f"{flag} lists {', '.join(twice)} more than once")
+        both = sorted(set(self.train_samples or []) & set(self.val_samples or []))
+        if both:
+            raise ConfigError(f"{', '.join(both)} in both --train-samples and --val-samples: a validation section must be "
+                              "held out of training (omit --train-samples to train on every sample not in validation)")
         if self.log not in LOG_KINDS:
             raise ConfigError(f"--log must be one of {', '.join(LOG_KINDS)}, got {self.log!r}")
         if self.normalize_over not in ("panel", "all"):

@@ -186,6 +186,9 @@ CASES = [
     ("cv: unknown --by", CV_NO_DATA + ("--by", "slide"), ["--by must be 'patient' or 'sample'", "'slide'"]),
     ("cv: genes 0", CV_NO_DATA + ("--genes", "0"), ["--genes must be an integer >= 1"]),
     ("fit: unknown --log", FIT_NO_DATA + ("--log", "ln"), ["--log must be one of log1p, log10", "'ln'"]),
+    ("fit: a training sample twice", FIT_NO_DATA + ("--train-samples", "SYN0,SYN0,SYN1"), ["--train-samples lists SYN0 more than once"]),
+    ("fit: train and validation overlap", FIT_NO_DATA + ("--train-samples", "SYN0,SYN1", "--val-samples", "SYN1,SYN2"),
+     ["SYN1 in both --train-samples and --val-samples"]),
     ("cv: a seed twice", CV_NO_DATA + ("--seeds", "7,7"), ["lists a seed twice"]),
     ("cv: a test sample twice", CV_NO_DATA + ("--test-samples", "SYN0,SYN0"), ["--test-samples lists SYN0 more than once"]),
     # export-h5
