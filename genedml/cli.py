@@ -384,10 +384,9 @@ def predict(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Predict expression for cached samples (or a new slide) by regression and/or retrieval."""
+    from genedml.devices import check_device
     from genedml.predict import Predictor, RetrievalSettings, predict_cache
     from genedml.slide import predict_slide
-
-    from genedml.devices import check_device
 
     retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k is not None else None
     check_device(device)

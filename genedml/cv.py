@@ -17,7 +17,7 @@ from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
 from genedml.errors import ConfigError, InputError
 from genedml.evaluate import score
-from genedml.fit import FitSettings, fit_model
+from genedml.fit import FitSettings, check_unique, fit_model
 from genedml.jsonio import jsonable, write_json, write_text_atomic
 from genedml.targets import targets_at
 from genedml.predict import Predictor, RetrievalSettings
@@ -127,10 +127,8 @@ def check_settings(settings: CVSettings) -> None:
         raise ConfigError("--seeds needs at least one seed.")
     if len(set(settings.seeds)) != len(settings.seeds):
         raise ConfigError(f"--seeds lists a seed twice ({settings.seeds}); each seed is one run.")
-    for flag, ids in (("--samples", settings.samples), ("--test-samples", settings.test_samples)):
-        twice = sorted({i for i in ids or [] if list(ids).count(i) > 1})
-        if twice:
-            raise ConfigError(f"{flag} lists {', '.join(twice)} more than once.")
+    check_unique("--samples", settings.samples)
+    check_unique("--test-samples", settings.test_samples)
     rows = variants(settings)
     if not rows:
         raise ConfigError("Nothing to run: give at least one --model or --ablation.")
@@ -166,12 +164,11 @@ def run_cv(
     write_json(out / PLAN_FILE, plan)
     write_json(out / RUNS_FILE, runs)
     done = {(r["fold"], r["variant"], r["seed"]) for r in runs}
-    total = len(folds) * sum(len(settings.seeds) if v.model in NEURAL_HEADS else 1 for v in variants(settings))
+    total = len(folds) * sum(len(_seeds_of(v, settings)) for v in variants(settings))
     fitted: dict[tuple[str, str, int], Path] = {}
     for fold in folds:
         for variant in variants(settings):
-            seeds = settings.seeds if variant.model in NEURAL_HEADS else settings.seeds[:1]
-            for seed in seeds:
+            for seed in _seeds_of(variant, settings):
                 key = (fold["name"], variant.model + repr(variant.overrides), seed)
                 model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
                 if (fold["name"], variant.name, seed) in done:
@@ -194,6 +191,11 @@ def run_cv(
     write_json(out / "cv_summary.json", summary)
     write_text_atomic(out / "cv_summary.md", summary["markdown"])
     return summary | {"runs": runs}
+
+
+def _seeds_of(variant: Variant, settings: CVSettings) -> list[int]:
+    """Neural heads run once per seed; closed-form heads give the same model for every seed, so run once."""
+    return settings.seeds if variant.model in NEURAL_HEADS else settings.seeds[:1]
 
 
 def _plan(settings: CVSettings, folds: list[dict[str, Any]], cache: FeatureCache) -> dict[str, Any]:

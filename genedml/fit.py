@@ -87,10 +87,8 @@ class FitSettings:
             raise ConfigError(f"--genes must be an integer >= 1, got {self.genes!r}")
         if self.gene_select not in GENE_SELECT:
             raise ConfigError(f"--gene-select must be one of {', '.join(GENE_SELECT)}, got {self.gene_select!r}")
-        for flag, ids in (("--train-samples", self.train_samples), ("--val-samples", self.val_samples)):
-            twice = sorted({i for i in ids or [] if list(ids).count(i) > 1})
-            if twice:
-                raise ConfigError(f"{flag} lists {', '.join(twice)} more than once")
+        check_unique("--train-samples", self.train_samples)
+        check_unique("--val-samples", self.val_samples)
         both = sorted(set(self.train_samples or []) & set(self.val_samples or []))
         if both:
             raise ConfigError(f"{', '.join(both)} in both --train-samples and --val-samples: a validation section must be "
@@ -127,6 +125,13 @@ class FitResult:
         if self.weights == "random-init":
             text += " [weights: random-init backbone — not a biology result]"
         return text
+
+
+def check_unique(flag: str, ids: Sequence[str] | None) -> None:
+    """Refuse a sample list that names a sample twice (it would be trained on, or scored, twice)."""
+    twice = sorted({i for i in ids or [] if list(ids or []).count(i) > 1})
+    if twice:
+        raise ConfigError(f"{flag} lists {', '.join(twice)} more than once")
 
 
 def split_samples(
