@@ -56,6 +56,7 @@ def w(tmp_path_factory) -> dict[str, Path]:
         "table.toml": "[fitt]\nepochs = 3\n",
         "broken.toml": "epochs = = 3\n",
         "predict.toml": "[predict]\nretrieve-k = 0\n",
+        "types.toml": "[fit]\nhead-option = [\"neighbor_depth=two\"]\n",
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -134,6 +135,11 @@ CASES = [
     ("fit: unknown head option, nothing close", FIT_NO_DATA + ("--head-option", "nonsense=1"),
      ["unknown setting 'nonsense' for the genedml head. Valid settings: "]),
     ("fit: head option without =", FIT_NO_DATA + ("--head-option", "dim"), ["KEY=VALUE"]),
+    ("fit: head option not a number", FIT_NO_DATA + ("--head-option", "dim=abc"), ["setting dim", "takes an integer", "'abc'"]),
+    ("fit: head option 1.5 for an integer", FIT_NO_DATA + ("--head-option", "dim=1.5"), ["setting dim", "takes an integer", "1.5"]),
+    ("fit: head option neither true nor false", FIT_NO_DATA + ("--head-option", "instance=maybe"), ["setting instance", "true or false", "'maybe'"]),
+    ("fit: head option scales as a bare word", FIT_NO_DATA + ("--head-option", "scales=local"), ["setting scales", "list of strings"]),
+    ("fit: wrong type in a config file", FIT_NO_DATA + ("--config", "{types_toml}"), ["setting neighbor_depth", "takes an integer", "'two'"]),
     ("fit: flag of another head", FIT_NO_DATA + ("--model", "ridge", "--lambda-group", "0.5"), ["--lambda-group does not apply to --model ridge"]),
     ("fit: misspelt config key", FIT_NO_DATA + ("--config", "{typo_toml}"), ["unknown key 'lamda-group'", "--lambda-group"]),
     ("fit: --max-memory not a size", FIT + ("--max-memory", "lots"), ["--max-memory must be a size such as 8GB"]),
@@ -184,6 +190,7 @@ CASES = [
     ("cv: seeds not integers", CV_NO_DATA + ("--seeds", "2021,abc"), ["--seeds takes comma-separated integers", "'2021,abc'"]),
     ("cv: unknown ablation", CV_NO_DATA + ("--ablation", "no-groups"), ["Unknown --ablation 'no-groups'", "no-group"]),
     ("cv: unknown --by", CV_NO_DATA + ("--by", "slide"), ["--by must be 'patient' or 'sample'", "'slide'"]),
+    ("cv: head option of the wrong type", CV_NO_DATA + ("--head-option", "tau=warm"), ["setting tau", "takes a number", "'warm'"]),
     ("cv: genes 0", CV_NO_DATA + ("--genes", "0"), ["--genes must be an integer >= 1"]),
     ("fit: unknown --log", FIT_NO_DATA + ("--log", "ln"), ["--log must be one of log1p, log10", "'ln'"]),
     ("fit: a training sample twice", FIT_NO_DATA + ("--train-samples", "SYN0,SYN0,SYN1"), ["--train-samples lists SYN0 more than once"]),
