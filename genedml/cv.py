@@ -156,6 +156,7 @@ def run_cv(
     samples = read_samples(data, samples=ids, **{k: v for k, v in (read_kwargs or {}).items() if v is not None})
     by_id = {s.sample_id: s for s in samples}
     folds = folds or make_folds(samples, settings.by, settings.test_samples)
+    _check_retrieve_k(settings, folds, by_id)
     plan = _plan(settings, folds, cache)
     runs = _finished_runs(out, plan) if resume else []
     if not resume and (out / RUNS_FILE).is_file():
@@ -191,6 +192,19 @@ def run_cv(
     write_json(out / "cv_summary.json", summary)
     write_text_atomic(out / "cv_summary.md", summary["markdown"])
     return summary | {"runs": runs}
+
+
+def _check_retrieve_k(settings: CVSettings, folds: list[dict[str, Any]], samples: dict[str, Sample]) -> None:
+    """A --retrieve-k larger than a fold's reference bank would run as k = bank size under a row named k = K:
+    refuse it before any fit. The bank holds at most the fold's training spots (fit also keeps a validation
+    section out of it), so this catches every certain case."""
+    if settings.retrieve_k is None:
+        return
+    spots = {f["name"]: sum(len(samples[s].barcodes) for s in f["train"] if s in samples) for f in folds}
+    name = min(spots, key=spots.__getitem__)
+    if settings.retrieve_k > spots[name]:
+        raise ConfigError(f"--retrieve-k {settings.retrieve_k} exceeds the reference bank of fold {name}, which holds at most "
+                          f"its {spots[name]} training spots; use --retrieve-k {min(50, spots[name])} or fewer.")
 
 
 def _seeds_of(variant: Variant, settings: CVSettings) -> list[int]:
@@ -246,6 +260,8 @@ def evaluate_fold(model_dir: Path, cache: FeatureCache, test_ids: list[str], sam
     flat["pcc_hpg"] = metrics["per_slide_mean"]["pcc_hpg"]  # test-selected genes: optimistic, kept out of the table
     flat["gene_pcc"] = dict(zip(predictor.targets.panel, metrics["per_gene"]["pcc_per_slide_mean"]))
     flat["best_epoch"] = predictor.config.get("best_epoch")
+    if retrieval is not None:  # k as run: a bank smaller than k (the validation section is left out) clamps it
+        flat["retrieve_k_used"] = min(retrieval.k, int(predictor.config.get("bank", {}).get("spots", retrieval.k)))
     return flat
 
 
@@ -286,6 +302,10 @@ def summarise(runs: list[dict[str, Any]], folds: list[dict[str, Any]], settings:
     note = "PCC per slide then mean over slides; ± = std over folds (seed-averaged per fold); seeds ± = mean std over seeds."
     if weights == "random-init":
         note += " Features from a random-init backbone: not a biology result."
+    clamped = sorted({(r["fold"], r["retrieve_k_used"]) for r in runs if r.get("retrieve_k_used", settings.retrieve_k) != settings.retrieve_k})
+    if clamped:
+        note += (f" Retrieval ran with fewer neighbours than k={settings.retrieve_k} where the bank was smaller: "
+                 + ", ".join(f"{fold} k={k}" for fold, k in clamped) + ".")
     markdown = header + "\n".join(lines) + f"\n\n{note}\nbackbone: {cache.settings.get('backbone')} ({weights}); folds by {settings.by}: " + "; ".join(f"{f['name']}: test {f['test']}" for f in folds) + "\n"
     return {"table": table, "folds": folds, "seeds": settings.seeds, "backbone": cache.settings.get("backbone"), "weights": weights, "markdown": markdown}
 

@@ -191,6 +191,8 @@ CASES = [
     ("cv: unknown ablation", CV_NO_DATA + ("--ablation", "no-groups"), ["Unknown --ablation 'no-groups'", "no-group"]),
     ("cv: unknown --by", CV_NO_DATA + ("--by", "slide"), ["--by must be 'patient' or 'sample'", "'slide'"]),
     ("cv: head option of the wrong type", CV_NO_DATA + ("--head-option", "tau=warm"), ["setting tau", "takes a number", "'warm'"]),
+    ("cv: retrieve-k beyond every fold's bank", ("cv", "{data}", "--cache", "{cache}", "--out", "{root}/cv_new", "--model", "genedml",
+                                                "--retrieve-k", "1000"), ["--retrieve-k 1000 exceeds the reference bank", "training spots"]),
     ("cv: genes 0", CV_NO_DATA + ("--genes", "0"), ["--genes must be an integer >= 1"]),
     ("fit: unknown --log", FIT_NO_DATA + ("--log", "ln"), ["--log must be one of log1p, log10", "'ln'"]),
     ("fit: a training sample twice", FIT_NO_DATA + ("--train-samples", "SYN0,SYN0,SYN1"), ["--train-samples lists SYN0 more than once"]),

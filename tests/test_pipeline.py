@@ -242,3 +242,18 @@ def test_cv_resume_refuses_a_gene_list_whose_content_changed(dataset, tmp_path):
     genes.write_text("\n".join(panel[::-1][:10]) + "\n")  # same path, other panel
     with pytest.raises(ConfigError, match="gene_list_sha256"):
         run_cv(data, root / "cache", tmp_path / "cv", settings, resume=True)
+
+
+def test_cv_retrieve_k_beyond_a_fold_bank_is_refused_or_reported(dataset, tmp_path, monkeypatch):
+    root, data = dataset
+    head = {"batch_size": 64, "lr": 1e-3, "groups": 6, "dim": 32}
+    fits = _interrupt_on(monkeypatch, "fit_model", 0)  # counts only
+    # Each fold trains on two 81-spot sections: k = 500 could never run as k = 500.
+    with pytest.raises(ConfigError, match=r"--retrieve-k 500 exceeds the reference bank of fold .* its 162 training spots"):
+        run_cv(data, root / "cache", tmp_path / "refused", CVSettings(by="patient", models=["genedml"], genes=24, epochs=1, retrieve_k=500, head=head))
+    assert not fits and not (tmp_path / "refused").exists()
+    # k = 120 fits the training spots, but fit keeps one section out of the bank for validation: k as run is recorded.
+    summary = run_cv(data, root / "cache", tmp_path / "cv", CVSettings(by="patient", models=["genedml"], genes=24, epochs=1, retrieve_k=120, head=head))
+    used = [r["retrieve_k_used"] for r in summary["runs"] if "retrieval" in r["variant"]]
+    assert len(used) == 2 and all(k < 120 for k in used)
+    assert "fewer neighbours than k=120" in summary["markdown"]
