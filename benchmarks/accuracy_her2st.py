@@ -16,7 +16,6 @@ With real weights: `--backbones uni --weights /path/to/uni/pytorch_model.bin`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -72,6 +71,7 @@ def pick_folds(spec: dict, wanted: str | None) -> list[dict] | None:
 
 def main(argv: list[str] | None = None) -> None:
     from genedml.cv import CVSettings, run_cv
+    from genedml.jsonio import parse_key_values, write_json, write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "her2st")
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "accuracy_her2st")
     args = ap.parse_args(argv)
 
-    head = {"batch_size": args.batch_size, "lr": args.lr}
-    for item in args.head_option:
-        key, _, value = item.partition("=")
-        head[key] = json.loads(value)
+    head = {"batch_size": args.batch_size, "lr": args.lr, **parse_key_values(args.head_option)}
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "date": started, "machine": machine(), "runs": []}
     md = []
@@ -123,11 +120,11 @@ def main(argv: list[str] | None = None) -> None:
                 results["runs"].append({"backbone": backbone, "smooth": smooth, "split": split, "summary": summary})
                 md.append(f"### {backbone} · smoothing {smooth} · {split}\n\n{summary['markdown']}")
                 print(md[-1], flush=True)
+                # After every split, not only at the end: a long call that stops keeps what it finished.
+                write_json(args.out / "results.json", results)
+                header = f"Command: `{results['command']}`  \nDate: {started}; machine: {results['machine']}\n\n"
+                write_text_atomic(args.out / "results.md", header + "\n".join(md))
         print(f"{backbone}: {time.perf_counter() - t0:.0f}s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    header = f"Command: `{results['command']}`  \nDate: {started}; machine: {results['machine']}\n\n"
-    (args.out / "results.md").write_text(header + "\n".join(md))
 
 
 if __name__ == "__main__":

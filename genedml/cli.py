@@ -21,6 +21,7 @@ from rich.table import Table
 import genedml
 from genedml.ablations import ABLATION_HELP
 from genedml.errors import ConfigError, GenedmlError
+from genedml.jsonio import parse_key_values
 from genedml.progress import console, setup_logging
 
 app = typer.Typer(
@@ -68,20 +69,6 @@ def _seeds(value: Optional[str]) -> list[int]:
         return [int(s) for s in items]
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers (e.g. 2021,2022,2023), got {value!r}.") from None
-
-
-def _key_values(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values parsed as JSON where possible (numbers, booleans, lists), else strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GenedmlError(f"--head-option expects KEY=VALUE, got {item!r}.")
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
-    return out
 
 
 # Defaults of fit's flags that only some heads have: a changed value for a head without it is an error.
@@ -355,7 +342,7 @@ def fit(
         model=model, genes=genes, gene_select=gene_select, gene_list=gene_list, normalize_over=normalize_over, log=log,
         smooth=smooth, train_samples=_csv(train_samples), val_samples=_csv(val_samples), val_fraction=val_fraction,
         seed=seed, expect_backbone=expect_backbone, index=index, max_memory=max_memory,
-        head=_head_settings(model, generic, _key_values(head_option)),
+        head=_head_settings(model, generic, parse_key_values(head_option)),
     )
     check_model_out(out, overwrite)
     _existing_cache(cache)
@@ -472,7 +459,7 @@ def cv(
     settings = CVSettings(
         by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
         epochs=epochs, seeds=_seeds(seeds), retrieve_k=retrieve_k, blend=blend,
-        head={"batch_size": batch_size, "lr": lr, **_key_values(head_option)},
+        head={"batch_size": batch_size, "lr": lr, **parse_key_values(head_option)},
     )
     summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), resume=resume)
     console.print(summary["markdown"])
@@ -500,7 +487,7 @@ def bench_hest(
     from genedml.bench.hest import HestBenchSettings, run_hest_bench
 
     settings = HestBenchSettings(models=model, tasks=task or None, gene_list=gene_list, backbone=backbone, seed=seed,
-                                 epochs=epochs, head=_key_values(head_option))
+                                 epochs=epochs, head=parse_key_values(head_option))
     summary = run_hest_bench(bench_dir, cache, out, settings)
     console.print(summary["markdown"])
 
@@ -525,7 +512,7 @@ def bench_paper(
     from genedml.bench.paper import PaperSettings, run_paper
 
     settings = PaperSettings(dataset=dataset, models=model, folds=fold or None, gene_list=gene_list, epochs=epochs,
-                             seeds=_seeds(seeds), head=_key_values(head_option))
+                             seeds=_seeds(seeds), head=parse_key_values(head_option))
     summary = run_paper(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), resume=resume)
     console.print(summary["markdown"])
 

@@ -1,4 +1,5 @@
-"""The one JSON helper: plain JSON values from settings, numpy scalars/arrays and paths, written atomically."""
+"""The one JSON helper: plain JSON values from settings, numpy scalars/arrays and paths, written atomically;
+and KEY=VALUE options whose values are JSON where they parse as JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from genedml.errors import ConfigError
 
 
 def _default(value: Any) -> Any:
@@ -45,3 +48,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json(path: Path, value: Any) -> None:
     """`value` as indented JSON (converted as by `jsonable`), written atomically."""
     write_text_atomic(path, dumps(value))
+
+
+def parse_key_values(items: list[str], flag: str = "--head-option") -> dict[str, Any]:
+    """`--head-option` KEY=VALUE strings as a dict: values parsed as JSON where they are JSON (numbers,
+    booleans, lists), else kept as strings; `head_settings` then checks each against its setting's type."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out

@@ -28,3 +28,26 @@ def test_picked_folds_equal_the_full_splits_folds(bench) -> None:
 def test_folds_outside_the_split_are_refused(bench) -> None:
     with pytest.raises(SystemExit, match="none of them"):
         bench.pick_folds(bench.SPLITS["C-to-B4"], "C2")
+
+
+def test_each_finished_split_is_written_before_the_next_runs(bench, tmp_path, monkeypatch) -> None:
+    # A whole call is hours on a CPU; one that stops must keep the splits it finished (it wrote only at the end).
+    import genedml.cv
+
+    seen: list[dict] = []
+
+    def fake_run_cv(data, cache, out, settings, **kwargs):
+        seen.append(dict(settings.head))
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return {"markdown": "| genedml | 0.300 |\n", "table": {}}
+
+    monkeypatch.setattr(genedml.cv, "run_cv", fake_run_cv)
+    monkeypatch.setattr(bench, "ensure_cache", lambda *a: tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--data", str(tmp_path), "--backbones", "he-stats", "--smooth", "off", "--splits", "loso-C,C-to-B4",
+                    "--head-option", "group_form=cld", "--head-option", "dim=64", "--out", str(tmp_path / "out")])
+    written = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["split"] for r in written["runs"]] == ["loso-C"]
+    assert "| genedml | 0.300 |" in (tmp_path / "out" / "results.md").read_text()
+    assert seen[0]["group_form"] == "cld" and seen[0]["dim"] == 64  # a bare word is a string, as in `genedml fit`
