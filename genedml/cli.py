@@ -91,7 +91,17 @@ def _head_settings(model: str, generic: dict[str, Any], options: dict[str, Any])
         if key not in accepted:
             flag = {"instance": "--no-instance", "group": "--no-group"}.get(key, "--" + key.replace("_", "-"))
             raise GenedmlError(f"{flag} does not apply to --model {model} (it has no setting {key!r}).")
+    _refuse_conflicts(given, options)
     return head_settings(model, options, shared=given)
+
+
+def _refuse_conflicts(flags: dict[str, Any], options: dict[str, Any]) -> None:
+    """A flag changed from its default and a --head-option of the same setting must agree: which one the
+    user meant is not ours to guess (the option used to win silently)."""
+    for key, value in flags.items():
+        if value != GENERIC_HEAD_DEFAULTS.get(key) and key in options and options[key] != value:
+            flag = {"instance": "--no-instance", "group": "--no-group"}.get(key, "--" + key.replace("_", "-"))
+            raise ConfigError(f"{flag} and --head-option {key}={options[key]!r} set the same setting to different values; give one.")
 
 
 def _check_mpp(mpp: Optional[float], allow_unusual: bool, flag: str = "--mpp") -> None:
@@ -456,10 +466,12 @@ def cv(
     _existing_cache(cache)
     _out_dir(out)
 
+    options = parse_key_values(head_option)
+    _refuse_conflicts({"batch_size": batch_size, "lr": lr}, options)
     settings = CVSettings(
         by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
         epochs=epochs, seeds=_seeds(seeds), retrieve_k=retrieve_k, blend=blend,
-        head={"batch_size": batch_size, "lr": lr, **parse_key_values(head_option)},
+        head={"batch_size": batch_size, "lr": lr, **options},
     )
     summary = run_cv(data, cache, out, settings, read_kwargs=dict(mpp=mpp, samples_table=samples_table), resume=resume)
     console.print(summary["markdown"])
