@@ -610,7 +610,17 @@ def _default_map(argv: list[str]) -> dict[str, dict[str, Any]] | None:
             close = difflib.get_close_matches(wanted, flags.values(), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r} (key {close[0].lstrip('-')!r})?" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r} for `genedml {command}`{hint} See `genedml {command} --help` for its flags.")
-    return {command: {k.replace("-", "_"): v for k, v in chosen.items()}}
+    # A repeatable flag takes a TOML list; one value written bare (`model = "ridge"`) means a list of one,
+    # where click would say only "Value must be an iterable".
+    repeatable = _repeatable(command)
+    return {command: {k.replace("-", "_"): [v] if k.replace("-", "_") in repeatable and isinstance(v, str) else v
+                      for k, v in chosen.items()}}
+
+
+def _repeatable(command: str) -> set[str]:
+    """Parameter names of a subcommand's repeatable flags (`--model`, `--ablation`, `--head-option`, ...)."""
+    group = typer.main.get_command(app)
+    return {p.name for p in group.commands[command].params if getattr(p, "multiple", False) and p.name}  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,6 +59,13 @@ def test_config_file_supplies_flags_and_command_line_wins(tmp_path):
     assert _default_map(["fit", "--config", str(cfg)]) == {"fit": {"lambda_group": 0.5, "epochs": 3}}
 
 
+def test_a_repeatable_flag_written_once_in_a_config_is_a_list_of_one(tmp_path):
+    # click refused `model = "ridge"` with "Value must be an iterable".
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[cv]\nmodel = "ridge"\nablation = ["mlp"]\nhead-option = "dim=64"\ngenes = 20\n')
+    assert _default_map(["cv", "--config", str(cfg)]) == {"cv": {"model": ["ridge"], "ablation": ["mlp"], "head_option": ["dim=64"], "genes": 20}}
+
+
 def test_fit_flags_left_unset_keep_the_heads_defaults_and_set_ones_win():
     assert _head_settings("genedml", {"lambda_group": None, "groups": 18}, {}).lambda_group == 0.1
     assert _head_settings("genedml", {"lambda_group": 0.8}, {}).lambda_group == 0.8
