@@ -89,10 +89,14 @@ def _head_settings(model: str, generic: dict[str, Any], options: dict[str, Any])
     given = {key: value for key, value in generic.items() if value != GENERIC_HEAD_DEFAULTS.get(key)}
     for key in given:
         if key not in accepted:
-            flag = {"instance": "--no-instance", "group": "--no-group"}.get(key, "--" + key.replace("_", "-"))
-            raise GenedmlError(f"{flag} does not apply to --model {model} (it has no setting {key!r}).")
+            raise GenedmlError(f"{_flag_of(key)} does not apply to --model {model} (it has no setting {key!r}).")
     _refuse_conflicts(given, options)
     return head_settings(model, options, shared=given)
+
+
+def _flag_of(setting: str) -> str:
+    """The fit flag that sets a head setting (`lambda_group` → `--lambda-group`, `group` → `--no-group`)."""
+    return {"instance": "--no-instance", "group": "--no-group"}.get(setting, "--" + setting.replace("_", "-"))
 
 
 def _refuse_conflicts(flags: dict[str, Any], options: dict[str, Any]) -> None:
@@ -100,8 +104,7 @@ def _refuse_conflicts(flags: dict[str, Any], options: dict[str, Any]) -> None:
     user meant is not ours to guess (the option used to win silently)."""
     for key, value in flags.items():
         if value != GENERIC_HEAD_DEFAULTS.get(key) and key in options and options[key] != value:
-            flag = {"instance": "--no-instance", "group": "--no-group"}.get(key, "--" + key.replace("_", "-"))
-            raise ConfigError(f"{flag} and --head-option {key}={options[key]!r} set the same setting to different values; give one.")
+            raise ConfigError(f"{_flag_of(key)} and --head-option {key}={options[key]!r} set the same setting to different values; give one.")
 
 
 def _check_mpp(mpp: Optional[float], allow_unusual: bool, flag: str = "--mpp") -> None:
