@@ -39,6 +39,30 @@ def read_prediction(path: Path) -> Any:
     return adata
 
 
+def _check_one_run(files: list[Path], adatas: list[Any]) -> None:
+    """The files of one evaluation must be one model's predictions in one mode, one file per sample. A folder
+    that also holds another model's or another mode's files (predict run twice into it) was scored as one
+    model, under the first file's provenance, and a sample predicted twice counted twice in the mean."""
+    seen: dict[str, Path] = {}
+    for path, adata in zip(files, adatas):
+        sample_id = str(adata.obs["sample_id"].iloc[0])
+        if sample_id in seen:
+            raise InputError(f"{seen[sample_id].name} and {path.name} both hold predictions for sample '{sample_id}'; "
+                             "evaluate one prediction per sample (move one file away, or pass one file).")
+        seen[sample_id] = path
+
+    def run_of(adata: Any) -> tuple[str, str, str]:
+        uns = adata.uns.get("genedml", {})
+        return str(uns.get("model_dir")), str(uns.get("mode")), str(dict(uns.get("retrieval", {}) or {}))
+
+    first = run_of(adatas[0])
+    for path, adata in zip(files[1:], adatas[1:]):
+        if run_of(adata) != first:
+            what = "model" if run_of(adata)[0] != first[0] else "prediction mode (regression, retrieval, blend)"
+            raise InputError(f"{files[0].name} and {path.name} come from another {what}: {first[:2]} against "
+                             f"{run_of(adata)[:2]}. Put each run's predictions in its own folder and evaluate them apart.")
+
+
 def score(truth: Sequence[np.ndarray], preds: Sequence[np.ndarray], sample_ids: Sequence[str], spec: TargetSpec) -> dict[str, Any]:
     """Metrics over several slides (per slide then mean, and pooled), with the model's HEG/HVG lists."""
     slide = np.concatenate([np.full(len(t), s) for t, s in zip(truth, sample_ids)])
@@ -54,6 +78,7 @@ def evaluate_dir(
 
     files = _prediction_files(Path(pred))
     adatas = [read_prediction(f) for f in files]
+    _check_one_run(files, adatas)
     provenance = dict(adatas[0].uns.get("genedml", {}))
     model_dir, _ = open_model_dir(Path(model_dir) if model_dir else model_dir_of(files[0], provenance))
     spec = read_targets(model_dir)

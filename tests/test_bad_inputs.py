@@ -37,11 +37,14 @@ def w(tmp_path_factory) -> dict[str, Path]:
     """A tiny dataset, its he-stats cache, a ridge model, its predictions and a few broken files."""
     root = tmp_path_factory.mktemp("bad")
     data = write_synthetic_dataset(root / "data", make_synthetic_dataset(n_samples=3, n_patients=2, seed=11, grid=(5, 5), n_genes=20))
-    paths = {"root": root, "data": data, "cache": root / "cache", "ridge": root / "ridge", "pred": root / "pred"}
+    paths = {"root": root, "data": data, "cache": root / "cache", "ridge": root / "ridge", "pred": root / "pred", "mixed": root / "mixed"}
     for args in (
         ["extract", str(data), "--backbone", "he-stats", "--cache", str(paths["cache"]), "--patch-px", "64", "--mpp-target", "1.0"],
         ["fit", "--cache", str(paths["cache"]), "--data", str(data), "--out", str(paths["ridge"]), "--model", "ridge", "--genes", "10"],
         ["predict", str(paths["ridge"]), "--cache", str(paths["cache"]), "--samples", "SYN2", "--out", str(paths["pred"])],
+        # A second model on the same panel, its prediction put in a folder beside the first model's.
+        ["fit", "--cache", str(paths["cache"]), "--data", str(data), "--out", str(root / "ridge-cv"), "--model", "ridge-cv", "--genes", "10"],
+        ["predict", str(root / "ridge-cv"), "--cache", str(paths["cache"]), "--samples", "SYN1", "--out", str(paths["mixed"])],
     ):
         code, text = cli(*args)
         assert code == 0, text
@@ -64,6 +67,11 @@ def w(tmp_path_factory) -> dict[str, Path]:
     good = (paths["pred"] / "SYN2.h5ad").read_bytes()
     (root / "truncated.h5ad").write_bytes(good[: len(good) // 3])
     paths["truncated.h5ad"] = root / "truncated.h5ad"
+    (paths["mixed"] / "SYN2.h5ad").write_bytes(good)
+    (root / "twice").mkdir()
+    for name in ("SYN2.h5ad", "SYN2 (copy).h5ad"):
+        (root / "twice" / name).write_bytes(good)
+    paths["twice"] = root / "twice"
     (root / "folder").mkdir()
     (root / "folder" / "mine.txt").write_text("keep me")
     paths["folder"] = root / "folder"
@@ -183,6 +191,8 @@ CASES = [
     # evaluate
     ("evaluate: truncated predictions", ("evaluate", "{truncated_h5ad}") + EVALUATE[1:], ["cannot read prediction file", "truncated.h5ad", "truncated"]),
     ("evaluate: a text file as predictions", ("evaluate", "{fake_h5ad}") + EVALUATE[1:], ["cannot read prediction file", "fake.h5ad"]),
+    ("evaluate: one sample predicted twice", ("evaluate", "{twice}") + EVALUATE[1:], ["both hold predictions for sample 'SYN2'"]),
+    ("evaluate: two models' predictions in one folder", ("evaluate", "{mixed}") + EVALUATE[1:], ["come from another model", "its own folder"]),
     ("evaluate: no predictions", ("evaluate", "{root}/none") + EVALUATE[1:], ["No prediction .h5ad"]),
     ("evaluate: out is a file", ("evaluate", "{pred}", "--data", "{data}", "--out", "{file}"), ["--out", "is a file"]),
     ("evaluate: mpp 1e6", ("evaluate", "{pred}") + EVALUATE[1:] + ("--mpp", "1e6"), ["outside the plausible range"]),
