@@ -107,6 +107,15 @@ def _refuse_conflicts(flags: dict[str, Any], options: dict[str, Any]) -> None:
             raise ConfigError(f"{_flag_of(key)} and --head-option {key}={options[key]!r} set the same setting to different values; give one.")
 
 
+def _retrieval_flags_need_k(retrieve_k: Optional[int], *flags: tuple[str, Any, Any]) -> None:
+    """Retrieval flags set without --retrieve-k were ignored: the user asked for a blend and got regression."""
+    if retrieve_k is None:
+        changed = [flag for flag, value, default in flags if value != default]
+        if changed:
+            verb = "applies" if len(changed) == 1 else "apply"
+            raise ConfigError(f"{', '.join(changed)} {verb} only to retrieval: add --retrieve-k K (e.g. 50), or drop {verb == 'applies' and 'it' or 'them'}.")
+
+
 def _check_mpp(mpp: Optional[float], allow_unusual: bool, flag: str = "--mpp") -> None:
     from genedml.extract.geometry import check_mpp
 
@@ -388,6 +397,7 @@ def predict(
     from genedml.predict import Predictor, RetrievalSettings, predict_cache
     from genedml.slide import predict_slide
 
+    _retrieval_flags_need_k(retrieve_k, ("--blend", blend, 1.0), ("--weighting", weighting, "uniform"), ("--tau", tau, 0.07))
     retrieval = RetrievalSettings(k=retrieve_k, weighting=weighting, tau=tau, blend=blend) if retrieve_k is not None else None
     check_device(device)
     _out_dir(out)
@@ -468,6 +478,7 @@ def cv(
     _check_mpp(mpp, allow_unusual_mpp)
     _existing_cache(cache)
     _out_dir(out)
+    _retrieval_flags_need_k(retrieve_k, ("--blend", blend, 1.0))
 
     options = parse_key_values(head_option)
     _refuse_conflicts({"batch_size": batch_size, "lr": lr}, options)

@@ -37,6 +37,8 @@ class RetrievalSettings:
             raise ConfigError(f"--weighting must be uniform, softmax or inverse-l1, got {self.weighting!r}.")
         if not self.tau > 0:
             raise ConfigError(f"--tau must be > 0, got {self.tau}.")
+        if self.tau != RetrievalSettings.tau and self.weighting != "softmax":  # only softmax has a temperature: it was ignored
+            raise ConfigError(f"--tau applies only to --weighting softmax, not {self.weighting!r}.")
 
 
 class Predictor:
