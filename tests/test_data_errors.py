@@ -66,6 +66,19 @@ def test_non_positive_mpp_in_samples_table(tmp_path: Path) -> None:
     raises(InputError, "lacks columns", call=lambda: read_legacy_st(folder, samples_table=table))
 
 
+def test_samples_table_ids_are_stripped_and_unmatched_samples_are_named(tmp_path: Path, caplog) -> None:
+    folder = write_legacy(tmp_path / "d", "S1")
+    write_legacy(folder, "S2")
+    table = tmp_path / "table.csv"
+    # Hand-written: spaces after the commas, and a typo (S_2) that leaves S2's patient unknown.
+    table.write_text("sample_id, patient_id\nS1, P1\nS_2, P1\n")
+    with caplog.at_level("WARNING", logger="genedml"):
+        s1, s2 = read_samples(folder, samples_table=table)
+    assert (s1.patient_id, s1.patient_known) == ("P1", True) and not s2.patient_known
+    [warning] = [r.getMessage() for r in caplog.records if "not in the samples table" in r.getMessage()]
+    assert "['S2']" in warning and "['S_2']" in warning and "typo" in warning
+
+
 def test_missing_mpp_says_how_to_pass_it(tmp_path: Path) -> None:
     write_legacy(tmp_path / "img")
     adata = anndata.AnnData(X=sp.csr_matrix(np.ones((2, 3), np.float32)))

@@ -17,6 +17,8 @@ from genedml.data.spaceranger import SpaceRangerReader
 from genedml.data.spatialdata_reader import SpatialDataReader
 from genedml.data.visium_hd import VisiumHDReader
 from genedml.errors import InputError
+from genedml.data.samples_table import SamplesTable, load_samples_table
+from genedml.log import log
 
 # Detection order: the first reader whose `detect` says yes reads the path. AnnData comes last: its folder form
 # (one .h5ad + one image) must not take a folder another layout explains.
@@ -74,8 +76,26 @@ def read_samples(
         raise InputError(f"{path}: bin_size_um applies to {' and '.join(BINNED_FORMATS)} inputs, not {reader.name}.")
     if samples_table is None and path.is_dir() and (path / DEFAULT_SAMPLES_TABLE).is_file():
         samples_table = path / DEFAULT_SAMPLES_TABLE
-    options = ReadOptions(samples=samples, mpp=mpp, samples_table=samples_table, image=image, bin_size_um=bin_size_um)
-    return reader.read(path, options)
+    table = load_samples_table(samples_table)
+    options = ReadOptions(samples=samples, mpp=mpp, samples_table=table, image=image, bin_size_um=bin_size_um)
+    read = reader.read(path, options)
+    _warn_unmatched_table(read, table, samples_table, path)
+    return read
+
+
+def _warn_unmatched_table(read: list[Sample], table: SamplesTable, source: Any, path: Path) -> None:
+    """A samples table that misses some samples read leaves their patient unknown (each its own patient in
+    `cv --by patient`, so one patient's sections can land on both sides): say which, and name the table's
+    ids that match nothing, the likely typos."""
+    if not table:
+        return
+    absent = [s.sample_id for s in read if s.sample_id not in table]
+    if absent:
+        names = {s.sample_id for s in read}
+        extra = sorted(set(table) - names)
+        hint = f"; the table names {extra[:10]}, which are not samples of {path} (a typo?)" if extra else ""
+        log.warning("samples %s are not in the samples table %s: their patient comes from the file or is unknown%s",
+                    absent[:10], source if isinstance(source, (str, Path)) else "given", hint)
 
 
 def inspect_samples(path: str | Path, **kwargs: Any) -> list[dict]:

@@ -36,12 +36,15 @@ def read_samples_table(path: str | Path) -> dict[str, SampleInfo]:
     if not path.is_file():
         raise InputError(f"Samples table not found: {path}.")
     table = pd.read_csv(path, dtype={"sample_id": str, "patient_id": str})
+    table.columns = [str(c).strip() for c in table.columns]
     missing = {"sample_id", "patient_id"} - set(table.columns)
     if missing:
         raise InputError(
             f"Samples table {path} lacks columns {sorted(missing)}; expected a header "
             f"'sample_id,patient_id[,mpp]', got {list(table.columns)}."
         )
+    for column in ("sample_id", "patient_id"):  # "C1, A" in a hand-written table must match sample "C1"
+        table[column] = table[column].str.strip()
     dup = table["sample_id"][table["sample_id"].duplicated()]
     if len(dup):
         raise InputError(f"Samples table {path}: duplicate sample_id {sorted(set(dup))}.")
