@@ -193,9 +193,13 @@ def write_prediction(
     provenance["spot_diameter"] = SPOT_DIAMETER_SOURCE
     adata.uns["genedml"] = _h5_safe(provenance | {"sample_id": sample_id})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.h5ad")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
+    # Not "*.h5ad": a write that is cut off must leave nothing `genedml evaluate FOLDER` would take as a prediction.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -227,3 +228,26 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_debris(tmp_path, 
         write_json(path, [{"fold": "A"}, {"fold": "B"}])
     assert json.loads(path.read_text()) == [{"fold": "A", "pcc": 0.5}]
     assert [p.name for p in tmp_path.iterdir()] == ["cv_runs.json"]
+
+
+def test_a_prediction_write_that_is_cut_off_leaves_no_h5ad_behind(project, tmp_path, monkeypatch):
+    # The temporary file was "<sample>.tmp.h5ad": an interrupted predict left a partial file that
+    # `genedml evaluate FOLDER` then read as a prediction.
+    root, _ = project
+    cache = FeatureCache(root / "cache")
+    centers = cache.read("SYN2", names=["centers"]).arrays["centers"]
+    barcodes = cache.read("SYN2", names=["barcodes"]).barcodes
+    predictor = Predictor(root / "project" / "model")
+    pred = {"X": np.zeros((len(centers), len(predictor.genes)), dtype=np.float32)}
+    real = ad.AnnData.write_h5ad
+
+    def cut_off(self, filename, *args, **kwargs):
+        real(self, filename, *args, **kwargs)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # as if the process died mid-write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        write_prediction(tmp_path / "SYN2.h5ad", "SYN2", barcodes, centers, predictor.genes, pred, predictor.provenance(None),
+                         spatial=SpatialView(1.0, note="test"))
+    assert list(tmp_path.iterdir()) == []
