@@ -251,3 +251,19 @@ def test_a_prediction_write_that_is_cut_off_leaves_no_h5ad_behind(project, tmp_p
         write_prediction(tmp_path / "SYN2.h5ad", "SYN2", barcodes, centers, predictor.genes, pred, predictor.provenance(None),
                          spatial=SpatialView(1.0, note="test"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_cut_off_leaves_no_h5_behind(project, tmp_path, monkeypatch):
+    # The temporary file was "<sample>.tmp.h5", which HEST's and TRIDENT's loaders take as a sample.
+    import genedml.cache.export as export
+
+    real = export._write_h5
+
+    def cut_off(path, *args):
+        real(path, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_write_h5", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_h5(FeatureCache(project[0] / "cache"), tmp_path, ["SYN0"], layout="hest")
+    assert list(tmp_path.iterdir()) == []

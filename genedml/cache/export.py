@@ -17,7 +17,9 @@ side. ``overlap`` is 0: spot patches are placed at spot centres, not on a tiling
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -43,23 +45,32 @@ def export_h5(cache: FeatureCache, out_dir: str | Path, samples: list[str] | Non
         features = np.asarray(cached.local[:, 0, :], dtype=np.float32)
         barcodes = np.char.encode(cached.barcodes.astype(str), "utf-8")  # fixed-length bytes, as HEST's patch files
         path = out / f"{sample_id}.h5"
-        tmp = path.with_suffix(".tmp.h5")
-        with h5py.File(tmp, "w") as fh:
-            if layout == "hest":
-                fh.create_dataset("embeddings", data=features)
-                fh.create_dataset("barcodes", data=barcodes.reshape(-1, 1))
-                fh.create_dataset("coords", data=coords)
-            else:
-                ds = fh.create_dataset("features", data=features)
-                ds.attrs.update({"name": sample_id, "savetodir": str(out), "encoder": str(cache.settings.get("backbone"))})
-                ds = fh.create_dataset("coords", data=coords)
-                ds.attrs.update(trident_coords_attrs(cache.settings, cached.attrs, sample_id, str(out)))
-                fh.create_dataset("barcodes", data=barcodes)
-            fh.attrs.update(_provenance(cache.settings, cached.attrs))
-        tmp.replace(path)
+        # Not "*.h5": HEST and TRIDENT take every .h5 in the folder, so a cut-off write must not leave one.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            _write_h5(tmp, layout, features, barcodes, coords, cache, cached, sample_id, out)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         written.append(path)
     return written
 
+
+def _write_h5(path: Path, layout: str, features: np.ndarray, barcodes: np.ndarray, coords: np.ndarray, cache: FeatureCache, cached: Any,
+              sample_id: str, out: Path) -> None:
+    """One sample's features in HEST's or TRIDENT's patch-embedding layout."""
+    with h5py.File(path, "w") as fh:
+        if layout == "hest":
+            fh.create_dataset("embeddings", data=features)
+            fh.create_dataset("barcodes", data=barcodes.reshape(-1, 1))
+            fh.create_dataset("coords", data=coords)
+        else:
+            ds = fh.create_dataset("features", data=features)
+            ds.attrs.update({"name": sample_id, "savetodir": str(out), "encoder": str(cache.settings.get("backbone"))})
+            ds = fh.create_dataset("coords", data=coords)
+            ds.attrs.update(trident_coords_attrs(cache.settings, cached.attrs, sample_id, str(out)))
+            fh.create_dataset("barcodes", data=barcodes)
+        fh.attrs.update(_provenance(cache.settings, cached.attrs))
 
 def trident_coords_attrs(settings: dict, attrs: dict, sample_id: str, savetodir: str) -> dict:
     """TRIDENT's `coords` attributes (trident/IO.py `coords_to_h5`) for spot patches of a cached sample."""
