@@ -17,9 +17,10 @@ from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
 from genedml.errors import ConfigError, InputError
 from genedml.evaluate import score
-from genedml.fit import FitSettings, check_unique, fit_model
+from genedml.fit import FitSettings, check_unique, fit_model, flag_of
 from genedml.jsonio import jsonable, write_json, write_text_atomic
 from genedml.targets import targets_at
+from genedml.typed import check_fields
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
 
@@ -121,6 +122,7 @@ def fit_settings(variant: Variant, settings: CVSettings, seed: int, train: list[
 
 def check_settings(settings: CVSettings) -> None:
     """Refuse any bad cv setting before a sample is read or a file written."""
+    check_fields(settings, flag_of)
     if settings.by not in ("patient", "sample"):
         raise ConfigError(f"--by must be 'patient' or 'sample', got {settings.by!r}.")
     if not settings.seeds:

@@ -23,6 +23,7 @@ from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, c
 from genedml.metrics import mean_gene_pcc
 from genedml.targets import LOG_KINDS, TargetSpec, fit_targets, targets_at
 from genedml.threads import threads_for_head, torch_threads
+from genedml.typed import check_fields
 from genedml.log import log
 
 
@@ -78,6 +79,7 @@ class FitSettings:
     def __post_init__(self) -> None:
         from genedml.heads.registry import head_class, head_settings
 
+        check_fields(self, flag_of)  # e.g. smooth="no" (truthy) from a notebook would smooth
         cls = head_class(self.model)
         if self.head is None or isinstance(self.head, Mapping):
             self.head = head_settings(self.model, self.head or {})
@@ -125,6 +127,11 @@ class FitResult:
         if self.weights == "random-init":
             text += " [weights: random-init backbone — not a biology result]"
         return text
+
+
+def flag_of(field_name: str) -> str:
+    """The command-line flag of a fit or cv setting, for messages (`val_fraction` → `--val-fraction`)."""
+    return {"models": "--model", "ablations": "--ablation"}.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def check_unique(flag: str, ids: Sequence[str] | None) -> None:

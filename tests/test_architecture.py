@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "genedml"
 
 # Lowest first. A module may import its own layer and the layers before it, never a later one.
 LAYERS: list[tuple[str, ...]] = [
-    ("genedml", "genedml.errors", "genedml.log", "genedml.jsonio", "genedml.metrics", "genedml.progress", "genedml.threads", "genedml.devices",
+    ("genedml", "genedml.errors", "genedml.log", "genedml.jsonio", "genedml.metrics", "genedml.progress", "genedml.threads", "genedml.devices", "genedml.typed",
      "genedml.atomic_dir"),
     ("genedml.data",),
     ("genedml.backbones",),

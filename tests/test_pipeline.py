@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from genedml.backbones import load_backbone
 from genedml.cache import FeatureCache
 from genedml.ablations import ABLATIONS
-from genedml.cv import CVSettings, make_folds, run_cv, variants
+from genedml.cv import CVSettings, check_settings, make_folds, run_cv, variants
 from genedml.data import read_samples
 from genedml.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 from genedml.errors import CacheMismatchError, ConfigError, ModelDirError
@@ -257,3 +258,18 @@ def test_cv_retrieve_k_beyond_a_fold_bank_is_refused_or_reported(dataset, tmp_pa
     used = [r["retrieve_k_used"] for r in summary["runs"] if "retrieval" in r["variant"]]
     assert len(used) == 2 and all(k < 120 for k in used)
     assert "fewer neighbours than k=120" in summary["markdown"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"smooth": "no"}, "--smooth takes true or false, got 'no'"),  # a truthy string: it smoothed
+    ({"seed": 1.5}, "--seed takes an integer, got 1.5"),
+    ({"val_fraction": "0.2"}, "--val-fraction takes a number"),  # it failed with a TypeError from '<='
+    ({"genes": True}, "--genes takes an integer, got True"),
+])
+def test_fit_and_cv_settings_from_python_are_type_checked(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        FitSettings(model="ridge", **kwargs)
+    if "val_fraction" not in kwargs and "seed" not in kwargs:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_settings(CVSettings(**kwargs))
+    assert FitSettings(model="ridge", val_fraction=0).val_fraction == 0.0  # an int widens to a float

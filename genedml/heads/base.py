@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import numbers
-import types
 from abc import ABC, abstractmethod
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping, Self, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, ClassVar, Mapping, Self, get_type_hints
 
 import numpy as np
 
 from genedml.errors import ConfigError, InputError, ModelDirError
 from genedml.heads.features import SpotFeatures
 from genedml.jsonio import dumps
+from genedml.typed import typed_value
 
 HEAD_JSON = "head.json"
 WEIGHTS = "model.safetensors"
@@ -78,57 +77,6 @@ def unknown_setting(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown setting {key!r} for {where}{hint} Valid settings: {', '.join(valid)}.")
 
 
-_NO_MATCH = object()
-
-
-def _typed(value: Any, annotation: Any) -> Any:
-    """`value` as the setting's annotated type, or `_NO_MATCH`. Exact on purpose: `instance=maybe` is a
-    non-empty string (truthy) and `dim=1.5` a float, and either would otherwise run as a different model."""
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        for option in get_args(annotation):
-            typed = _typed(value, option)
-            if typed is not _NO_MATCH:
-                return typed
-        return _NO_MATCH
-    if origin is Literal:
-        return value if any(value == a and type(value) is type(a) for a in get_args(annotation)) else _NO_MATCH
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return _NO_MATCH
-        items = [_typed(v, get_args(annotation)[0]) for v in value]
-        return _NO_MATCH if any(i is _NO_MATCH for i in items) else tuple(items)
-    if annotation is type(None):
-        return None if value is None else _NO_MATCH
-    if annotation is bool:
-        return value if isinstance(value, bool) else _NO_MATCH
-    if isinstance(value, bool):  # bool is an int subclass: `dim=true` is not 1
-        return _NO_MATCH
-    if annotation is int:
-        return int(value) if isinstance(value, numbers.Integral) else _NO_MATCH
-    if annotation is float:
-        return float(value) if isinstance(value, numbers.Real) else _NO_MATCH
-    if annotation is str:
-        return value if isinstance(value, str) else _NO_MATCH
-    return value
-
-
-_PLURALS = {int: "integers", float: "numbers", str: "strings"}
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-
-
-def _describe(annotation: Any) -> str:
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in get_args(annotation))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    if origin is tuple:
-        item = get_args(annotation)[0]
-        return "a list of " + _PLURALS.get(item, f"({_describe(item)})") + ' (e.g. ["a", "b"] in JSON)' * (item is str)
-    return _TYPE_WORDS.get(annotation, str(annotation))
-
-
 def build_settings(settings_cls: type, values: Mapping[str, Any], where: str) -> Any:
     """`settings_cls(**values)` with each value checked against its annotated type (JSON lists become
     tuples); unknown keys, wrong types and out-of-range values → ConfigError naming the setting."""
@@ -139,10 +87,7 @@ def build_settings(settings_cls: type, values: Mapping[str, Any], where: str) ->
         key = str(key).replace("-", "_")
         if key not in valid:
             raise unknown_setting(key, valid, where)
-        typed = _typed(value, hints[key])
-        if typed is _NO_MATCH:
-            raise ConfigError(f"setting {key} of {where} takes {_describe(hints[key])}, got {value!r}.")
-        clean[key] = typed
+        clean[key] = typed_value(value, hints[key], f"setting {key} of {where}")
     try:
         return settings_cls(**clean)
     except (TypeError, ValueError) as exc:
