@@ -23,7 +23,7 @@ from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, c
 from genedml.metrics import mean_gene_pcc
 from genedml.targets import LOG_KINDS, TargetSpec, fit_targets, targets_at
 from genedml.threads import threads_for_head, torch_threads
-from genedml.typed import check_fields
+from genedml.typed import check_fields, flag_of
 from genedml.log import log
 
 
@@ -127,11 +127,6 @@ class FitResult:
         if self.weights == "random-init":
             text += " [weights: random-init backbone — not a biology result]"
         return text
-
-
-def flag_of(field_name: str) -> str:
-    """The command-line flag of a fit or cv setting, for messages (`val_fraction` → `--val-fraction`)."""
-    return {"models": "--model", "ablations": "--ablation"}.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def check_unique(flag: str, ids: Sequence[str] | None) -> None:

@@ -18,6 +18,7 @@ from genedml.heads.features import SpotFeatures
 from genedml.output import cached_sample_view, log_view, write_prediction
 from genedml.model_dir import BANK_DIR, HEAD_DIR, INDEX_FILE, PROTOTYPES, Prototypes, manifest_id, open_model_dir, read_config, read_targets
 from genedml.log import log
+from genedml.typed import check_fields, flag_of
 
 
 
@@ -29,6 +30,7 @@ class RetrievalSettings:
     blend: float = 1.0
 
     def __post_init__(self) -> None:
+        check_fields(self, flag_of)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"--retrieve-k must be an integer >= 1 (the number of reference spots), got {self.k!r}.")
         if not 0.0 <= self.blend <= 1.0:

@@ -71,6 +71,11 @@ def typed_value(value: Any, annotation: Any, what: str) -> Any:
     return typed
 
 
+def flag_of(field_name: str) -> str:
+    """The command-line flag of a settings field, for messages (`val_fraction` → `--val-fraction`)."""
+    return {"models": "--model", "ablations": "--ablation", "k": "--retrieve-k"}.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 def check_fields(settings: Any, name_of: Any = None) -> None:
     """Check (and widen) every field of a frozen settings dataclass in place; call from `__post_init__`.
     `name_of(field)` names a field in messages (default: the field name)."""

@@ -273,3 +273,13 @@ def test_fit_and_cv_settings_from_python_are_type_checked(kwargs, message):
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_settings(CVSettings(**kwargs))
     assert FitSettings(model="ridge", val_fraction=0).val_fraction == 0.0  # an int widens to a float
+
+
+def test_extract_and_retrieval_settings_from_python_are_type_checked():
+    from genedml.extract.runner import ExtractSettings
+
+    with pytest.raises(ConfigError, match=re.escape("--patch-px takes an integer, got 224.0")):
+        ExtractSettings(patch_px=224.0)
+    with pytest.raises(ConfigError, match=re.escape("--retrieve-k takes an integer, got '5'")):
+        RetrievalSettings(k="5")
+    assert ExtractSettings(scales=["local"]).scales == ("local",) and RetrievalSettings(blend=1).blend == 1.0

@@ -24,6 +24,7 @@ from genedml.errors import CacheLockedError, CacheMismatchError, ConfigError, Ge
 from genedml.extract.geometry import Geometry, exact_neighbor_boxes, lattice_neighbors, local_boxes
 from genedml.extract.patches import dihedral_views, iter_patch_batches
 from genedml.log import log
+from genedml.typed import check_fields, flag_of
 
 
 SCALES = ("local", "neighbor")
@@ -46,6 +47,7 @@ class ExtractSettings:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_fields(self, flag_of)
         unknown = set(self.scales) - set(SCALES)
         if unknown or not self.scales or "local" not in self.scales:
             raise InputError(f"--scales must include 'local' and only {SCALES} (global is derived at fit time); got {self.scales}.")
