@@ -112,8 +112,8 @@ def _retrieval_flags_need_k(retrieve_k: Optional[int], *flags: tuple[str, Any, A
     if retrieve_k is None:
         changed = [flag for flag, value, default in flags if value != default]
         if changed:
-            verb = "applies" if len(changed) == 1 else "apply"
-            raise ConfigError(f"{', '.join(changed)} {verb} only to retrieval: add --retrieve-k K (e.g. 50), or drop {verb == 'applies' and 'it' or 'them'}.")
+            verb, pronoun = ("applies", "it") if len(changed) == 1 else ("apply", "them")
+            raise ConfigError(f"{', '.join(changed)} {verb} only to retrieval: add --retrieve-k K (e.g. 50), or drop {pronoun}.")
 
 
 def _check_mpp(mpp: Optional[float], allow_unusual: bool, flag: str = "--mpp") -> None:
