@@ -57,10 +57,11 @@ def _check_one_run(files: list[Path], adatas: list[Any]) -> None:
 
     first = run_of(adatas[0])
     for path, adata in zip(files[1:], adatas[1:]):
-        if run_of(adata) != first:
-            what = "model" if run_of(adata)[0] != first[0] else "prediction mode (regression, retrieval, blend)"
+        run = run_of(adata)
+        if run != first:
+            what = "model" if run[0] != first[0] else "prediction mode (regression, retrieval, blend)"
             raise InputError(f"{files[0].name} and {path.name} come from another {what}: {first[:2]} against "
-                             f"{run_of(adata)[:2]}. Put each run's predictions in its own folder and evaluate them apart.")
+                             f"{run[:2]}. Put each run's predictions in its own folder and evaluate them apart.")
 
 
 def score(truth: Sequence[np.ndarray], preds: Sequence[np.ndarray], sample_ids: Sequence[str], spec: TargetSpec) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class FitSettings:
             self.head = head_settings(self.model, self.head or {})
         elif not isinstance(self.head, cls.Settings):
             raise ConfigError(f"settings of type {type(self.head).__name__} given for head {self.model!r}, which takes {cls.Settings.__name__}")
-        if not isinstance(self.genes, int) or self.genes < 1:
+        if self.genes < 1:  # the type is checked above
             raise ConfigError(f"--genes must be an integer >= 1, got {self.genes!r}")
         if self.gene_select not in GENE_SELECT:
             raise ConfigError(f"--gene-select must be one of {', '.join(GENE_SELECT)}, got {self.gene_select!r}")

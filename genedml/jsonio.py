@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -31,18 +32,26 @@ def dumps(value: Any, indent: int | None = 2) -> str:
     return json.dumps(value, indent=indent, default=_default)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never a partial write."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path to write `path` through: it replaces `path` when the block ends without error and is
+    removed otherwise, so a reader sees the old file or the new one, never a partial write. It is hidden and
+    does not end in `path`'s suffix, so a folder scan for `*.h5ad` or `*.h5` never takes it for a result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through `atomic_file`, flushed to disk before the rename."""
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json(path: Path, value: Any) -> None:

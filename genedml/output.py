@@ -23,6 +23,7 @@ import numpy as np
 import genedml
 from genedml.data.image import RegionReader, thumbnail_step
 from genedml.errors import ImageError, ModelDirError
+from genedml.jsonio import atomic_file
 from genedml.log import log
 
 HIRES_SIDE = 2000  # long side of Space Ranger's tissue_hires_image.png
@@ -192,14 +193,9 @@ def write_prediction(
         f"no image in uns['spatial'] ({spatial.note}); plot with sc.pl.spatial(adata, img_key=None)")
     provenance["spot_diameter"] = SPOT_DIAMETER_SOURCE
     adata.uns["genedml"] = _h5_safe(provenance | {"sample_id": sample_id})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not "*.h5ad": a write that is cut off must leave nothing `genedml evaluate FOLDER` would take as a prediction.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    # A cut-off write must leave nothing `genedml evaluate FOLDER` would take as a prediction.
+    with atomic_file(path) as tmp:
         adata.write_h5ad(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

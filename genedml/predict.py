@@ -31,7 +31,7 @@ class RetrievalSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, flag_of)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if self.k < 1:  # the type is checked above
             raise ConfigError(f"--retrieve-k must be an integer >= 1 (the number of reference spots), got {self.k!r}.")
         if not 0.0 <= self.blend <= 1.0:
             raise ConfigError(f"--blend must be in [0, 1], got {self.blend}.")

@@ -17,7 +17,6 @@ side. ``overlap`` is 0: spot patches are placed at spot centres, not on a tiling
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from genedml.cache.store import FeatureCache
 from genedml.errors import ConfigError
+from genedml.jsonio import atomic_file
 
 LAYOUTS = ("trident", "hest")
 MICRONS_AT_1X = 10.0  # TRIDENT (WSIPatcher): pixel size in µm = 10 / magnification
@@ -45,13 +45,8 @@ def export_h5(cache: FeatureCache, out_dir: str | Path, samples: list[str] | Non
         features = np.asarray(cached.local[:, 0, :], dtype=np.float32)
         barcodes = np.char.encode(cached.barcodes.astype(str), "utf-8")  # fixed-length bytes, as HEST's patch files
         path = out / f"{sample_id}.h5"
-        # Not "*.h5": HEST and TRIDENT take every .h5 in the folder, so a cut-off write must not leave one.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_file(path) as tmp:  # HEST and TRIDENT take every .h5 in the folder: never a partial one
             _write_h5(tmp, layout, features, barcodes, coords, cache, cached, sample_id, out)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(path)
     return written
 
@@ -71,6 +66,7 @@ def _write_h5(path: Path, layout: str, features: np.ndarray, barcodes: np.ndarra
             ds.attrs.update(trident_coords_attrs(cache.settings, cached.attrs, sample_id, str(out)))
             fh.create_dataset("barcodes", data=barcodes)
         fh.attrs.update(_provenance(cache.settings, cached.attrs))
+
 
 def trident_coords_attrs(settings: dict, attrs: dict, sample_id: str, savetodir: str) -> dict:
     """TRIDENT's `coords` attributes (trident/IO.py `coords_to_h5`) for spot patches of a cached sample."""

@@ -61,7 +61,7 @@ class ExtractSettings:
             raise InputError(f"--dtype must be float16 or float32, got {self.dtype!r}.")
         if self.patch_px <= 0 or (self.mpp_target is not None and self.mpp_target <= 0):
             raise InputError("--patch-px and --mpp-target must be positive.")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size < 1:  # the type is checked above
             raise ConfigError(f"--batch-size must be an integer >= 1 (patches per model call), got {self.batch_size!r}.")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0 (0 = read patches in the main thread), got {self.workers!r}.")
