@@ -22,6 +22,7 @@ import genedml
 from genedml.ablations import ABLATION_HELP
 from genedml.errors import ConfigError, GenedmlError
 from genedml.jsonio import parse_key_values
+from genedml.typed import check_unique
 from genedml.progress import console, setup_logging
 
 app = typer.Typer(
@@ -58,13 +59,21 @@ def _main(
     setup_logging(verbose)
 
 
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _csv(value: Optional[str], flag: str) -> Optional[list[str]]:
+    """A comma-separated list of ids (None when the flag is not given). An empty list or an id given twice is
+    refused: `--samples ""` (an unset shell variable) would otherwise mean every sample, and a repeat runs twice."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConfigError(f"{flag} {value!r} names nothing; leave {flag} out for the default.")
+    check_unique(flag, items)
+    return items
 
 
 def _seeds(value: Optional[str]) -> list[int]:
     """`--seeds 2021,2022` as integers (default 2021); anything else is a ConfigError, not a traceback."""
-    items = _csv(value) or ["2021"]
+    items = _csv(value, "--seeds") or ["2021"]
     try:
         return [int(s) for s in items]
     except ValueError:
@@ -231,7 +240,7 @@ def extract(
         allow_download=allow_download,
         cache_dir=cache,
         settings=settings,
-        samples=_csv(samples),
+        samples=_csv(samples, "--samples"),
         read_kwargs=dict(mpp=mpp, samples_table=samples_table, image=image),
         overwrite=overwrite,
         allow_unusual_mpp=allow_unusual_mpp,
@@ -254,7 +263,7 @@ def _extract_settings(patch_px, mpp_target, scales, neighbor_mode, local_tokens,
     return ExtractSettings(
         patch_px=patch_px,
         mpp_target=mpp_target,
-        scales=tuple(_csv(scales) or ["local"]),
+        scales=tuple(_csv(scales, "--scales") or ["local"]),
         neighbor_mode=neighbor_mode,
         local_tokens=local_tokens,
         augment=augment,
@@ -277,7 +286,7 @@ def export_h5_cmd(
 
     _existing_cache(cache)
     _out_dir(out_dir, "OUT_DIR")
-    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples), layout=layout)
+    paths = export_h5(FeatureCache(cache), out_dir, _csv(samples, "--samples"), layout=layout)
     console.print(f"export-h5: wrote {len(paths)} {layout}-layout files to {out_dir}")
 
 
@@ -356,13 +365,13 @@ def fit(
     _check_mpp(mpp, allow_unusual_mpp)
 
     generic = {
-        "scales": tuple(_csv(scales)) if scales else None, "instance": not no_instance, "group": not no_group, "groups": groups,
+        "scales": tuple(_csv(scales, "--scales")) if scales is not None else None, "instance": not no_instance, "group": not no_group, "groups": groups,
         "lambda_group": lambda_group, "tau": tau, "tau_group": tau_group, "group_form": group_form,
         "epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr, "seed": seed,
     }
     settings = FitSettings(
         model=model, genes=genes, gene_select=gene_select, gene_list=gene_list, normalize_over=normalize_over, log=log,
-        smooth=smooth, train_samples=_csv(train_samples), val_samples=_csv(val_samples), val_fraction=val_fraction,
+        smooth=smooth, train_samples=_csv(train_samples, "--train-samples"), val_samples=_csv(val_samples, "--val-samples"), val_fraction=val_fraction,
         seed=seed, expect_backbone=expect_backbone, index=index, max_memory=max_memory,
         head=_head_settings(model, generic, parse_key_values(head_option)),
     )
@@ -407,7 +416,7 @@ def predict(
         if not slide.is_file():
             raise ConfigError(f"--slide {slide} is not a file (an H&E image: .tif/.svs/.jpg/.png...).")
         _check_mpp(mpp, allow_unusual_mpp)
-        paths = predict_slide(Predictor(model_dir), slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes), retrieval=retrieval,
+        paths = predict_slide(Predictor(model_dir), slide, out, mpp=mpp, pitch_um=pitch_um, genes=_csv(genes, "--genes"), retrieval=retrieval,
                               weights=weights, device=device, allow_unusual_mpp=allow_unusual_mpp)
     else:
         given = (("--mpp", mpp), ("--pitch-um", pitch_um), ("--genes", genes), ("--weights", weights), ("--device", None if device == "auto" else device))
@@ -419,7 +428,7 @@ def predict(
         if cache is None:
             raise ConfigError("predict needs --cache (cached samples) or --slide (a new image).")
         _existing_cache(cache)
-        paths = predict_cache(model_dir, cache, out, samples=_csv(samples), retrieval=retrieval)
+        paths = predict_cache(model_dir, cache, out, samples=_csv(samples, "--samples"), retrieval=retrieval)
     for path in paths:
         console.print(f"predict: wrote {path}")
 
@@ -483,7 +492,7 @@ def cv(
     options = parse_key_values(head_option)
     _refuse_conflicts({"batch_size": batch_size, "lr": lr}, options)
     settings = CVSettings(
-        by=by, models=model, ablations=ablation, samples=_csv(samples), test_samples=_csv(test_samples), genes=genes, smooth=smooth,
+        by=by, models=model, ablations=ablation, samples=_csv(samples, "--samples"), test_samples=_csv(test_samples, "--test-samples"), genes=genes, smooth=smooth,
         epochs=epochs, seeds=_seeds(seeds), retrieve_k=retrieve_k, blend=blend,
         head={"batch_size": batch_size, "lr": lr, **options},
     )
@@ -624,11 +633,20 @@ def _default_map(argv: list[str]) -> dict[str, dict[str, Any]] | None:
             close = difflib.get_close_matches(wanted, flags.values(), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r} (key {close[0].lstrip('-')!r})?" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r} for `genedml {command}`{hint} See `genedml {command} --help` for its flags.")
-    # A repeatable flag takes a TOML list; one value written bare (`model = "ridge"`) means a list of one,
-    # where click would say only "Value must be an iterable".
     repeatable = _repeatable(command)
-    return {command: {k.replace("-", "_"): [v] if k.replace("-", "_") in repeatable and isinstance(v, str) else v
-                      for k, v in chosen.items()}}
+    return {command: {k.replace("-", "_"): _config_value(v, k.replace("-", "_") in repeatable) for k, v in chosen.items()}}
+
+
+def _config_value(value: Any, repeatable: bool) -> Any:
+    """A config value as click takes it. A repeatable flag takes a TOML list, and one value written bare
+    (`model = "ridge"`) is a list of one, where click would say only "Value must be an iterable". Any other
+    flag given a list (`samples = ["C2", "C3"]`) gets it comma-joined, as on the command line: click would pass
+    the text "['C2', 'C3']" on as one id."""
+    if repeatable:
+        return [value] if isinstance(value, str) else value
+    if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)
+    return value
 
 
 def _repeatable(command: str) -> set[str]:

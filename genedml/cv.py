@@ -17,10 +17,10 @@ from genedml.cache.store import FeatureCache
 from genedml.data.sample import Sample
 from genedml.errors import ConfigError, InputError
 from genedml.evaluate import score
-from genedml.fit import FitSettings, check_unique, fit_model
+from genedml.fit import FitSettings, fit_model
 from genedml.jsonio import jsonable, write_json, write_text_atomic
 from genedml.targets import targets_at
-from genedml.typed import check_fields, flag_of
+from genedml.typed import check_fields, check_unique, flag_of
 from genedml.predict import Predictor, RetrievalSettings
 from genedml.log import log
 

@@ -23,7 +23,7 @@ from genedml.model_dir import BANK_DIR, CONFIG, HEAD_DIR, PROTOTYPES, TARGETS, c
 from genedml.metrics import mean_gene_pcc
 from genedml.targets import LOG_KINDS, TargetSpec, fit_targets, targets_at
 from genedml.threads import threads_for_head, torch_threads
-from genedml.typed import check_fields, flag_of
+from genedml.typed import check_fields, check_unique, flag_of
 from genedml.log import log
 
 
@@ -127,13 +127,6 @@ class FitResult:
         if self.weights == "random-init":
             text += " [weights: random-init backbone — not a biology result]"
         return text
-
-
-def check_unique(flag: str, ids: Sequence[str] | None) -> None:
-    """Refuse a sample list that names a sample twice (it would be trained on, or scored, twice)."""
-    twice = sorted({i for i in ids or [] if list(ids or []).count(i) > 1})
-    if twice:
-        raise ConfigError(f"{flag} lists {', '.join(twice)} more than once")
 
 
 def split_samples(

@@ -18,7 +18,7 @@ from genedml.heads.features import SpotFeatures
 from genedml.output import cached_sample_view, log_view, write_prediction
 from genedml.model_dir import BANK_DIR, HEAD_DIR, INDEX_FILE, PROTOTYPES, Prototypes, manifest_id, open_model_dir, read_config, read_targets
 from genedml.log import log
-from genedml.typed import check_fields, flag_of
+from genedml.typed import check_fields, check_unique, flag_of
 
 
 
@@ -156,6 +156,8 @@ def predict_cache(
     cache = FeatureCache(cache_dir)
     predictor.check_cache(cache)
     ids = list(samples or cache.samples())
+    check_unique("--samples", ids)
+    cache.require(ids)
     provenance = predictor.provenance(retrieval)
     if provenance["random_init"]:
         log.warning("predictions come from a random-init backbone: not a biology result")

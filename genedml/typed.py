@@ -1,4 +1,5 @@
-"""Values checked against their annotated types: the settings dataclasses' one type check.
+"""Values checked against their annotated types: the settings dataclasses' one type check (and the one
+check that an id list names nothing twice).
 
 Exact on purpose. `group="no"` is a non-empty string, so truthy, and `dim=1.5` a float: either would run as
 another model than the one asked for. Numbers widen (an int where a float is annotated), lists become tuples;
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import types
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
 
 from genedml.errors import ConfigError
 
@@ -85,3 +86,10 @@ def check_fields(settings: Any, name_of: Any = None) -> None:
         typed = typed_value(value, hints[f.name], name_of(f.name) if name_of else f.name)
         if typed is not value:
             object.__setattr__(settings, f.name, typed)
+
+
+def check_unique(flag: str, ids: Sequence[str] | None) -> None:
+    """Refuse an id list that names an id twice (a sample would be trained on, scored or written twice)."""
+    twice = sorted({i for i in ids or [] if list(ids or []).count(i) > 1})
+    if twice:
+        raise ConfigError(f"{flag} lists {', '.join(twice)} more than once")

@@ -66,6 +66,14 @@ def test_a_repeatable_flag_written_once_in_a_config_is_a_list_of_one(tmp_path):
     assert _default_map(["cv", "--config", str(cfg)]) == {"cv": {"model": ["ridge"], "ablation": ["mlp"], "head_option": ["dim=64"], "genes": 20}}
 
 
+def test_a_list_in_a_config_for_a_comma_separated_flag_is_joined(tmp_path):
+    # click passed the text "['C2', 'C3']" on as one sample id.
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[fit]\ntrain-samples = ["C2", "C3"]\nseed = 3\n[cv]\nseeds = [2021, 2022]\n')
+    assert _default_map(["fit", "--config", str(cfg)]) == {"fit": {"train_samples": "C2,C3", "seed": 3}}
+    assert _default_map(["cv", "--config", str(cfg)]) == {"cv": {"seeds": "2021,2022"}}
+
+
 def test_fit_flags_left_unset_keep_the_heads_defaults_and_set_ones_win():
     assert _head_settings("genedml", {"lambda_group": None, "groups": 18}, {}).lambda_group == 0.1
     assert _head_settings("genedml", {"lambda_group": 0.8}, {}).lambda_group == 0.8

@@ -26,6 +26,7 @@ import numpy as np
 from genedml.cache.store import FeatureCache
 from genedml.errors import ConfigError
 from genedml.jsonio import atomic_file
+from genedml.typed import check_unique
 
 LAYOUTS = ("trident", "hest")
 MICRONS_AT_1X = 10.0  # TRIDENT (WSIPatcher): pixel size in µm = 10 / magnification
@@ -35,10 +36,13 @@ def export_h5(cache: FeatureCache, out_dir: str | Path, samples: list[str] | Non
     """Write one `<sample>.h5` per sample in `layout` (`trident` or `hest`); returns the paths."""
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}.")
+    ids = list(samples or cache.samples())
+    check_unique("--samples", ids)
+    cache.require(ids)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for sample_id in samples or cache.samples():
+    for sample_id in ids:
         cached = cache.read(sample_id, names=["local", "barcodes", "centers"])
         fov = float(cached.attrs["fov_px"])
         coords = np.floor(cached.arrays["centers"] - fov / 2.0).astype(np.int64)  # top-left corners

@@ -33,7 +33,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -250,6 +250,13 @@ class FeatureCache:
             f"Cached sample '{sample_id}' in {self.root} is damaged: {what}. Run `genedml cache verify {self.root}` "
             f"and re-extract it (`genedml extract DATA --cache {self.root} --samples {sample_id} --overwrite`)."
         )
+
+    def require(self, sample_ids: Sequence[str]) -> None:
+        """Refuse, before any work, a sample list naming samples this cache does not hold complete."""
+        missing = [s for s in sample_ids if not self.is_complete(s)]
+        if missing:
+            known = ", ".join(self.samples()) or "none"
+            raise InputError(f"Not complete in cache {self.root}: {', '.join(missing)} (complete: {known}).")
 
     def _require(self, sample_id: str) -> None:
         if not self.is_complete(sample_id):
