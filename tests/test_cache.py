@@ -60,8 +60,10 @@ def test_reading_a_missing_cache_or_sample_is_a_clear_error(tmp_path):
         FeatureCache(tmp_path / "nothing")
     cache = FeatureCache(tmp_path / "c", SETTINGS)
     _write(cache, "S1")
-    with pytest.raises(InputError, match="complete: S1"):
-        cache.read("S2")
+    # Every reader refuses with the one message `require` gives for a list of samples.
+    for read in (cache.read, cache.sample_attrs, cache.array_shapes):
+        with pytest.raises(InputError, match=r"Not complete in cache .*: S2 \(complete: S1\)"):
+            read("S2")
 
 
 def test_live_lock_blocks_and_dead_lock_is_taken_over(tmp_path):

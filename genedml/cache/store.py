@@ -209,19 +209,19 @@ class FeatureCache:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and self.is_complete(p.name))
 
     def sample_attrs(self, sample_id: str) -> dict[str, Any]:
-        self._require(sample_id)
+        self.require([sample_id])
         return dict(zarr.open_group(str(self.sample_dir(sample_id)), mode="r").attrs)
 
     def array_shapes(self, sample_id: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of every array of a complete sample, from its metadata (no chunk is read)."""
-        self._require(sample_id)
+        self.require([sample_id])
         group = zarr.open_group(str(self.sample_dir(sample_id)), mode="r")
         return {key: (tuple(group[key].shape), np.dtype(group[key].dtype)) for key in group.array_keys()
                 if np.dtype(group[key].dtype).kind != "T"}
 
     def read(self, sample_id: str, names: list[str] | None = None) -> CachedSample:
         """Load a complete sample (all arrays, or only `names`); a lost or damaged chunk is an error."""
-        self._require(sample_id)
+        self.require([sample_id])
         group = zarr.open_group(str(self.sample_dir(sample_id)), mode="r")
         attrs = dict(group.attrs)
         arrays = {}
@@ -257,11 +257,6 @@ class FeatureCache:
         if missing:
             known = ", ".join(self.samples()) or "none"
             raise InputError(f"Not complete in cache {self.root}: {', '.join(missing)} (complete: {known}).")
-
-    def _require(self, sample_id: str) -> None:
-        if not self.is_complete(sample_id):
-            known = ", ".join(self.samples()) or "none"
-            raise InputError(f"Sample '{sample_id}' is not complete in cache {self.root} (complete: {known}).")
 
     # ----------------------------------------------------------------- writing
     def remove(self, sample_id: str) -> None:
