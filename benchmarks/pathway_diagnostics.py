@@ -90,7 +90,7 @@ def diagnose(model_dir: Path, cache_dir: Path, data: Path, samples_table: Path |
     torch.manual_seed(seed)
     model.train()
     rows = []
-    for index in batch_order(feats.slide, cfg.batch_size, cfg.batch_slides, generator, cfg.even_batches)[:batches]:
+    for index in batch_order(feats.slide, cfg.batch_size, cfg.batch_slides, generator)[:batches]:
         batch = maker.make(index, generator)
         yb = targets[torch.from_numpy(index)]
         out = model(batch, yb)

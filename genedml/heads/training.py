@@ -68,11 +68,6 @@ class TrainSettings:
     # batch comes from at most N slides, so a step encodes at most N whole slides at the global scale
     # (cohorts of many large slides); every spot is still seen once per pass.
     batch_slides: int = 0
-    # Cut each shuffled pass (or slide group) into ceil(n / batch_size) batches of equal size (±1) instead of
-    # full batches and a remainder. On a few sections the remainder is most of the epoch's other steps: three
-    # her2st sections (≈ 545 spots) give batches of 512 and 33, so half of all steps contrast 33 spots and
-    # cluster them into 18 groups. On the paper's cohorts (tens of thousands of spots) the two are the same.
-    even_batches: bool = False
     # Validate, select and keep the running uniform mean of the epoch-end weights (stochastic weight averaging
     # from epoch 0) instead of the last weights. A named deviation from the reference: trained on one patient's
     # sections, the last weights keep improving on a validation section of that patient while they get worse on
@@ -85,9 +80,8 @@ class TrainSettings:
             raise ConfigError(f"head setting target_scaling must be one of {', '.join(TARGET_SCALINGS)}, got {self.target_scaling!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"head setting precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("average_weights", "even_batches"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"head setting {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.average_weights, bool):
+            raise ConfigError(f"head setting average_weights must be true or false, got {self.average_weights!r}")
         if not isinstance(self.batch_slides, int) or self.batch_slides < 0:
             raise ConfigError(f"head setting batch_slides must be an integer >= 0, got {self.batch_slides!r}")
         positive_ints = ("step_size", "batch_size", "eval_batch_size", "epochs", "patience", "min_epoch_steps")
@@ -113,32 +107,24 @@ class TrainSettings:
         return {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
 
 
-def batch_order(
-    slide: np.ndarray, batch_size: int, batch_slides: int, generator: torch.Generator, even: bool = False
-) -> list[np.ndarray]:
+def batch_order(slide: np.ndarray, batch_size: int, batch_slides: int, generator: torch.Generator) -> list[np.ndarray]:
     """One shuffled pass over all spots as a list of batches (row indices); every spot exactly once.
 
     batch_slides = 0: uniform shuffling over all spots (the authors' sampling). batch_slides = N: slides are
     shuffled and taken N at a time; the spots of each group are shuffled and cut into batches, so no batch
-    spans more than N slides. even = False: full batches and a shorter last one (the authors' loader);
-    even = True: ceil(n / batch_size) batches whose sizes differ by at most one. Both draw the same shuffle.
+    spans more than N slides (a batch may be short at the end of a group).
     """
     if batch_slides <= 0:
-        return _cut(torch.randperm(len(slide), generator=generator).numpy(), batch_size, even)
+        order = torch.randperm(len(slide), generator=generator).numpy()
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     slides = np.unique(slide)
     slides = slides[torch.randperm(len(slides), generator=generator).numpy()]
     batches = []
     for g in range(0, len(slides), batch_slides):
         rows = np.flatnonzero(np.isin(slide, slides[g : g + batch_slides]))
-        batches += _cut(rows[torch.randperm(len(rows), generator=generator).numpy()], batch_size, even)
+        rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return batches
-
-
-def _cut(order: np.ndarray, batch_size: int, even: bool) -> list[np.ndarray]:
-    """Consecutive batches of a shuffled order: full ones and a remainder, or equal ones (±1)."""
-    if even:
-        return list(np.array_split(order, -(-len(order) // batch_size)))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class WeightAverage:
@@ -412,9 +398,7 @@ class NeuralHead(Head):
         seen = steps = 0
         start = last_report = time.perf_counter()
         for done_passes in range(passes):
-            order = batch_order(
-                train.slide, self.settings.batch_size, self.settings.batch_slides, generator, self.settings.even_batches
-            )
+            order = batch_order(train.slide, self.settings.batch_size, self.settings.batch_slides, generator)
             expected = steps + len(order) * (passes - done_passes)
             for group_maker, to_rows, batches in self._batch_groups(train, maker, order):
                 for index in batches:
