@@ -114,7 +114,8 @@ def batch_order(slide: np.ndarray, batch_size: int, batch_slides: int, generator
     shuffled and taken N at a time; the spots of each group are shuffled and cut into batches, so no batch
     spans more than N slides (a batch may be short at the end of a group). The short last batch is kept, as
     in the authors' loader: on three her2st sections it is 33 spots beside 512, yet cutting each pass into
-    equal batches instead scored lower within a patient (benchmarks/RESULTS.md, "genedml 0.9", even batches).
+    equal batches instead scored lower or level in every fold within a patient (benchmarks/RESULTS.md, "genedml
+    0.9", "equal batches instead of a short last one").
     """
     if batch_slides <= 0:
         order = torch.randperm(len(slide), generator=generator).numpy()
