@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     for variant, s in summary.items():
         print(f"{variant}: {s['pairs']} pairs, default − ablation {s['mean']:+.4f} (SD {s['sd']}), default ahead in {s['default_ahead']}")
     if args.json is not None:
-        write_json(args.json, {"rows": rows, "summary": summary})
+        write_json(args.json, {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                               "out_dirs": [str(p) for p in args.out_dirs], "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":
