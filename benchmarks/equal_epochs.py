@@ -45,9 +45,12 @@ def read_curves(out_dirs: list[Path]) -> dict[tuple[str, str, str], dict[str, An
             key = (seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name)
             if key in curves:
                 raise SystemExit(f"{'/'.join(key)} is under both {where[key]} and {path}: pass each run once")
-            curve = json.loads(path.read_text())
-            if not isinstance(curve, dict) or not isinstance(curve.get("epochs"), list) or "best_epoch" not in curve:
-                raise SystemExit(f"{path} is not a training curve (needs 'epochs' and 'best_epoch')")
+            try:
+                curve = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"cannot read {path}: {exc}") from exc
+            if not isinstance(curve, dict) or not isinstance(curve.get("epochs"), list) or not isinstance(curve.get("best_epoch"), int):
+                raise SystemExit(f"{path} is not a training curve (needs an 'epochs' list and an integer 'best_epoch')")
             curves[key], where[key] = curve, path
     return curves
 

@@ -44,3 +44,17 @@ def test_epoch_numbers_not_positions_and_a_run_given_twice_is_refused(tmp_path: 
         eq.read_curves([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(SystemExit, match="no epoch 9"):
         eq.val_at({"epochs": [{"epoch": 0, "val_pcc": 0.1}], "best_epoch": 0}, 9)
+
+
+def test_a_broken_curve_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    eq = load("equal_epochs")
+    run = tmp_path / "models" / "C2" / "genedml" / "seed1"
+    run.mkdir(parents=True)
+    (run / "curve.json").write_text('{"epochs": [')  # cut short
+    with pytest.raises(SystemExit, match="cannot read"):
+        eq.read_curves([tmp_path])
+    (run / "curve.json").write_text(json.dumps({"epochs": [], "best_epoch": "3"}))
+    with pytest.raises(SystemExit, match="not a training curve"):
+        eq.read_curves([tmp_path])
+    with pytest.raises(SystemExit, match="no models"):
+        eq.read_curves([tmp_path / "missing"])
