@@ -173,7 +173,7 @@ def run_cv(
         for variant in variants(settings):
             for seed in _seeds_of(variant, settings):
                 key = (fold["name"], variant.model + repr(variant.overrides), seed)
-                model_dir = out / "models" / _slug(fold["name"]) / _slug(variant.name.split(" + ")[0]) / f"seed{seed}"
+                model_dir = out / "models" / _slug(fold["name"]) / model_dir_name(variant) / f"seed{seed}"
                 if (fold["name"], variant.name, seed) in done:
                     if model_dir.is_dir():  # a retrieval row still to run reuses it; loading it verifies it
                         fitted[key] = model_dir
@@ -310,6 +310,12 @@ def summarise(runs: list[dict[str, Any]], folds: list[dict[str, Any]], settings:
                  + ", ".join(f"{fold} k={k}" for fold, k in clamped) + ".")
     markdown = header + "\n".join(lines) + f"\n\n{note}\nbackbone: {cache.settings.get('backbone')} ({weights}); folds by {settings.by}: " + "; ".join(f"{f['name']}: test {f['test']}" for f in folds) + "\n"
     return {"table": table, "folds": folds, "seeds": settings.seeds, "backbone": cache.settings.get("backbone"), "weights": weights, "markdown": markdown}
+
+
+def model_dir_name(variant: Variant) -> str:
+    """The folder of a variant's models under OUT/models/FOLD. A retrieval row reuses the fit of its plain model
+    row, so it names that row's folder; any other row its own (an ablation label may contain " + " too)."""
+    return _slug(variant.model if variant.retrieval is not None else variant.name)
 
 
 def _slug(text: str) -> str:

@@ -220,6 +220,26 @@ def test_cv_resume_does_only_what_an_interrupted_run_left(dataset, tmp_path, mon
         assert a["pcc_acg"] == pytest.approx(b["pcc_acg"], abs=1e-6), (a["fold"], a["variant"])
 
 
+def test_cv_every_fit_has_its_own_model_dir_and_retrieval_scores_the_default(dataset, tmp_path, monkeypatch):
+    # "genedml + neighbour (the paper's three scales)" was cut at " + " to "genedml": the ablation's fit overwrote
+    # the default's model and the "genedml + retrieval" row then scored the ablation's model.
+    root, data = dataset
+    settings = CVSettings(by="patient", models=["genedml"], ablations=["paper-scales"], genes=24, epochs=1, retrieve_k=5,
+                          head={"batch_size": 64, "lr": 1e-3, "groups": 6, "dim": 32})
+    fits = _interrupt_on(monkeypatch, "fit_model", 0)  # counts only
+    scored = _interrupt_on(monkeypatch, "evaluate_fold", 0)
+    runs = run_cv(data, root / "cache", tmp_path / "cv", settings)["runs"]
+    fit_dirs = [a[2] for a in fits]
+    assert len(fit_dirs) == 4 and len(set(fit_dirs)) == 4  # 2 folds x (default, paper-scales)
+    by_row = {(r["fold"], r["variant"]): a[0] for r, a in zip(runs, scored)}
+    for fold in {r["fold"] for r in runs}:
+        default = by_row[(fold, "genedml")]
+        retrieval = [d for (f, name), d in by_row.items() if f == fold and "retrieval" in name]
+        assert retrieval == [default]
+        assert by_row[(fold, ABLATIONS["paper-scales"].label)] != default
+        assert json.loads((default / "config.json").read_text())["head_config"]["scales"] == ["local", "global"]
+
+
 def test_cv_resume_refuses_other_settings_before_any_fit(dataset, tmp_path, monkeypatch):
     root, data = dataset
     settings = CVSettings(by="patient", models=["ridge"], genes=24)
