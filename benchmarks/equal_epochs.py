@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from genedml.ablations import ABLATIONS
+from genedml.cv import Variant, model_dir_name
 from genedml.jsonio import write_json
 
-DEFAULT = "genedml"  # the model directory name of the default variant (cv's slug of its name)
-
-
-def label(variant_dir: str) -> str:
-    """cv's directory name of an ablation as its table label ("genedml___group" -> "− group")."""
-    return "− " + variant_dir.removeprefix(DEFAULT).lstrip("_") if variant_dir.startswith(DEFAULT + "_") else variant_dir
+DEFAULT = model_dir_name(Variant("genedml", "genedml"))
+# cv's folder name of each ablation -> its row label in cv's tables ("genedml___group" -> "genedml − group")
+LABELS = {model_dir_name(Variant(a.label, "genedml")): a.label for a in ABLATIONS.values()}
 
 
 def read_curves(out_dirs: list[Path]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -72,10 +71,10 @@ def compare(curves: dict[tuple[str, str, str], dict[str, Any]]) -> list[dict[str
         default = curves.get((fold, DEFAULT, seed))
         if variant == DEFAULT or default is None:
             continue
-        epoch = min(int(curve["best_epoch"]), int(default["best_epoch"]))
+        epoch = min(curve["best_epoch"], default["best_epoch"])
         val_default, val_ablation = val_at(default, epoch), val_at(curve, epoch)
-        rows.append({"fold": fold, "seed": seed, "variant": label(variant), "epoch": epoch,
-                     "selected_default": int(default["best_epoch"]), "selected_ablation": int(curve["best_epoch"]),
+        rows.append({"fold": fold, "seed": seed, "variant": LABELS.get(variant, variant), "epoch": epoch,
+                     "selected_default": default["best_epoch"], "selected_ablation": curve["best_epoch"],
                      "val_default": round(val_default, 4), "val_ablation": round(val_ablation, 4),
                      "default_minus_ablation": round(val_default - val_ablation, 4)})
     return rows

@@ -26,12 +26,12 @@ def test_compares_at_the_earlier_selected_epoch_and_pairs_only_same_fold_and_see
     write_curve(b, "C4", "genedml___instance", 1, [0.20, 0.25, 0.35], best=2)  # selected later than the default
     write_curve(b, "C4", "genedml___global", 2, [0.5, 0.6], best=1)  # no default for seed 2: not paired
     rows = eq.compare(eq.read_curves([a, b]))
-    assert [(r["fold"], r["variant"], r["epoch"]) for r in rows] == [("C3", "− group", 2), ("C4", "− instance", 1)]
+    assert [(r["fold"], r["variant"], r["epoch"]) for r in rows] == [("C3", "genedml − group", 2), ("C4", "genedml − instance", 1)]
     assert rows[0]["val_default"] == 0.30 and rows[0]["val_ablation"] == 0.25 and rows[0]["default_minus_ablation"] == 0.05
     assert rows[1]["default_minus_ablation"] == pytest.approx(0.31 - 0.25)
     summary = eq.summarise(rows)
-    assert summary["− group"] == {"pairs": 1, "mean": 0.05, "sd": None, "default_ahead": 1}
-    assert summary["− instance"]["default_ahead"] == 1
+    assert summary["genedml − group"] == {"pairs": 1, "mean": 0.05, "sd": None, "default_ahead": 1}
+    assert summary["genedml − instance"]["default_ahead"] == 1
 
 
 def test_epoch_numbers_not_positions_and_a_run_given_twice_is_refused(tmp_path: Path) -> None:
