@@ -9,7 +9,7 @@ epochs, which both runs reached. Validation numbers only: the test numbers stay 
     python benchmarks/equal_epochs.py OUT_DIR [OUT_DIR ...] [--json FILE]
 
 OUT_DIR: an `--out` of `accuracy_her2st.py` or `genedml cv`; every `models/FOLD/VARIANT/seedS/curve.json`
-below it is read. A (fold, variant, seed) found under two OUT_DIRs is refused: pass each run once.
+below it of the default or an ablation is read (other heads of the same run, e.g. ridge, are skipped). A (fold, variant, seed) found under two OUT_DIRs is refused: pass each run once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from genedml.jsonio import write_json
 DEFAULT = model_dir_name(Variant("genedml", "genedml"))
 # cv's folder name of each ablation -> its row label in cv's tables ("genedml___group" -> "genedml − group")
 LABELS = {model_dir_name(Variant(a.label, "genedml")): a.label for a in ABLATIONS.values()}
+# Only these are read: other heads in the same run (ridge, bleep, ...) are not Gene-DML ablations, and ridge's
+# curve.json has no epochs.
+COMPARED = {DEFAULT, *LABELS}
 
 
 def read_curves(out_dirs: list[Path]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -36,9 +39,9 @@ def read_curves(out_dirs: list[Path]) -> dict[tuple[str, str, str], dict[str, An
     curves: dict[tuple[str, str, str], dict[str, Any]] = {}
     where: dict[tuple[str, str, str], Path] = {}
     for out in out_dirs:
-        found = sorted(out.glob("**/models/*/*/seed*/curve.json"))
+        found = [p for p in sorted(out.glob("**/models/*/*/seed*/curve.json")) if p.parent.parent.name in COMPARED]
         if not found:
-            raise SystemExit(f"no models/FOLD/VARIANT/seedS/curve.json under {out}")
+            raise SystemExit(f"no models/FOLD/VARIANT/seedS/curve.json of the Gene-DML default or an ablation under {out}")
         for path in found:
             seed_dir = path.parent
             key = (seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name)

@@ -58,3 +58,15 @@ def test_a_broken_curve_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None
         eq.read_curves([tmp_path])
     with pytest.raises(SystemExit, match="no models"):
         eq.read_curves([tmp_path / "missing"])
+
+
+def test_other_heads_of_the_same_run_are_skipped(tmp_path: Path) -> None:
+    """`accuracy_her2st.py --models ridge --ablations no-global` also fits ridge, whose curve.json has no epochs."""
+    eq = load("equal_epochs")
+    write_curve(tmp_path, "C2", "genedml", 1, [0.1, 0.2], best=1)
+    write_curve(tmp_path, "C2", "genedml___global", 1, [0.1, 0.15], best=1)
+    ridge = tmp_path / "timm_resnet18" / "smooth-off" / "loso-C" / "models" / "C2" / "ridge" / "seed1"
+    ridge.mkdir(parents=True)
+    (ridge / "curve.json").write_text(json.dumps({"model": "ridge", "alpha": 1.0}))
+    assert sorted(eq.read_curves([tmp_path])) == [("C2", "genedml", "seed1"), ("C2", "genedml___global", "seed1")]
+    assert [r["variant"] for r in eq.compare(eq.read_curves([tmp_path]))] == ["genedml − global"]
