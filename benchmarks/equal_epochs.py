@@ -9,7 +9,8 @@ epochs, which both runs reached. Validation numbers only: the test numbers stay 
     python benchmarks/equal_epochs.py OUT_DIR [OUT_DIR ...] [--json FILE]
 
 OUT_DIR: an `--out` of `accuracy_her2st.py` or `genedml cv`; every `models/FOLD/VARIANT/seedS/curve.json`
-below it of the default or an ablation is read (other heads of the same run, e.g. ridge, are skipped). A (fold, variant, seed) found under two OUT_DIRs is refused: pass each run once.
+below it of the default or an ablation is read (other heads of the same run, e.g. ridge, are skipped). A
+(fold, variant, seed) found under two OUT_DIRs is refused: pass each run once.
 """
 
 from __future__ import annotations
