@@ -77,7 +77,7 @@ def compare(curves: dict[tuple[str, str, str], dict[str, Any]]) -> list[dict[str
             continue
         epoch = min(curve["best_epoch"], default["best_epoch"])
         val_default, val_ablation = val_at(default, epoch), val_at(curve, epoch)
-        rows.append({"fold": fold, "seed": seed, "variant": LABELS.get(variant, variant), "epoch": epoch,
+        rows.append({"fold": fold, "seed": seed, "variant": LABELS[variant], "epoch": epoch,
                      "selected_default": default["best_epoch"], "selected_ablation": curve["best_epoch"],
                      "val_default": round(val_default, 4), "val_ablation": round(val_ablation, 4),
                      "default_minus_ablation": round(val_default - val_ablation, 4)})
