@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                     "settings finished (genedml cv --resume)")
     ap.add_argument("--seeds", default="2021,2022,2023")
     ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="cv's --val-fraction: sections of each fold's training "
+                    "set held out for early stopping (0: none; the neural heads train for --epochs on every training section)")
     ap.add_argument("--genes", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 settings = CVSettings(
                     by=spec["by"], models=args.models.split(","), ablations=[a for a in args.ablations.split(",") if a],
                     samples=spec["samples"], test_samples=spec["test_samples"], genes=args.genes, smooth=smooth == "on",
-                    epochs=args.epochs, seeds=[int(s) for s in args.seeds.split(",")], retrieve_k=args.retrieve_k,
+                    epochs=args.epochs, val_fraction=args.val_fraction, seeds=[int(s) for s in args.seeds.split(",")], retrieve_k=args.retrieve_k,
                     blend=args.blend, head=head,
                 )
                 out = args.out / backbone.replace(":", "_") / f"smooth-{smooth}" / split

@@ -100,7 +100,7 @@ def accuracy(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
                    "--head-option", f"precision={precision}", "--head-option", f"device={args.device}", "--out", str(out)]
             if args.quick:
                 cmd += ["--epochs", "2"] + [a for kv in CPU_SIZES for a in ("--head-option", kv)]
-            log = open(args.work / f"accuracy_{precision}_{fold}.log", "w")
+            log = open(args.work / f"accuracy_{precision}_{fold}.log", "w")  # noqa: SIM115 — closed once its process ends
             procs.append((precision, fold, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     runs["command_example"] = " ".join(procs[0][3].args)
     started = time.perf_counter()
@@ -132,6 +132,10 @@ def accuracy(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     return runs
 
 
+def _cell(run: dict[str, Any] | None, key: str) -> str:
+    return str(run.get(key)) if run and run.get("finished") else "not done"
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# GPU training check ({results['date']}, {results['machine']})", ""]
     sp = results.get("speed", {})
@@ -147,8 +151,7 @@ def markdown(results: dict[str, Any]) -> str:
             a, b = acc.get(f"auto/{f}"), acc.get(f"fp32/{f}")
             if a is None:
                 continue
-            cell = lambda r, k: str(r.get(k)) if r and r.get("finished") else "not done"  # noqa: E731
-            lines.append(f"| {f} | {cell(a, 'pcc_acg')} | {cell(b, 'pcc_acg')} | {cell(a, 'best_epoch')} / {cell(b, 'best_epoch')} |")
+            lines.append(f"| {f} | {_cell(a, 'pcc_acg')} | {_cell(b, 'pcc_acg')} | {_cell(a, 'best_epoch')} / {_cell(b, 'best_epoch')} |")
         lines.append(f"| mean | {acc['auto_mean_pcc_acg']} | {acc['fp32_mean_pcc_acg']} | |")
     for name in ("cache", "speed", "accuracy"):
         if isinstance(results.get(name), dict) and "error" in results[name]:
