@@ -41,7 +41,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _section(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+def run_section(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
     """Run one part; a failure is recorded (with its traceback tail) and the next part still runs."""
     start = time.perf_counter()
     try:
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                            "params_M": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 1)}
     print(f"[backbone] {results['backbone']}", flush=True)
     n_raw = pick(a.raw_batches, 10, 2)
-    _section(results, "raw_before", lambda: raw_throughput(backbone, settings.batch_size, n_raw, device))
+    run_section(results, "raw_before", lambda: raw_throughput(backbone, settings.batch_size, n_raw, device))
 
     def synthetic() -> dict[str, Any]:
         from genedml.data.synthetic import make_synthetic_sample
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         run_extraction(samples[:1], backbone, Path(tempfile.mkdtemp(prefix="gpu_check_warm_")), settings)  # warm-up
         return extraction_throughput(samples, backbone, settings)
 
-    _section(results, "extract_synthetic", synthetic)
+    run_section(results, "extract_synthetic", synthetic)
 
     if a.her2st is not None and a.her2st.is_dir():
         def her2st() -> dict[str, Any]:
@@ -307,15 +307,15 @@ def main(argv: list[str] | None = None) -> int:
             samples = read_samples(a.her2st, samples=ids.split(",") if ids else None)
             return extraction_throughput(samples, backbone, settings)
 
-        _section(results, "extract_her2st", her2st)
+        run_section(results, "extract_her2st", her2st)
     else:
         results["extract_her2st"] = {"error": f"her2st folder not found: {a.her2st} (copy ../shared/data/her2st into .gpu_data/her2st and carry it)"}
 
-    _section(results, "raw_after", lambda: raw_throughput(backbone, settings.batch_size, n_raw, device))
+    run_section(results, "raw_after", lambda: raw_throughput(backbone, settings.batch_size, n_raw, device))
     backbone = None  # free the model before the FAISS section
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    _section(results, "retrieval", lambda: retrieval_benchmark(pick(a.bank, 1_000_000, 2000), a.dim, pick(a.queries, 10_000, 100), a.k, device))
+    run_section(results, "retrieval", lambda: retrieval_benchmark(pick(a.bank, 1_000_000, 2000), a.dim, pick(a.queries, 10_000, 100), a.k, device))
 
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
     md = markdown(results)

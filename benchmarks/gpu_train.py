@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from gpu_extract_speed import run_section  # after the path insert: benchmarks/ is not a package
+
 CPU_SIZES = ("dim=128", "neighbor_depth=1", "neighbor_mlp_ratio=1.0", "global_depth=2", "global_mlp_ratio=1.0")
 FOLDS = ("C2", "C3", "C4", "C5", "C6")
-
-
-def _section(results: dict[str, Any], name: str, fn) -> None:
-    start = time.perf_counter()
-    try:
-        results[name] = fn()
-    except Exception as exc:  # noqa: BLE001 — a benchmark reports every part it can
-        results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
-    print(f"[{name}] {time.perf_counter() - start:.1f}s: {json.dumps(results[name], default=str)[:800]}", flush=True)
 
 
 def build_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{gpu}, {os.cpu_count()} CPUs",
                                "torch": torch.__version__, "python": platform.python_version(),
                                "command": " ".join([Path(sys.executable).name, *sys.argv]), "weights": "random-init (no pretrained weights)"}
-    _section(results, "cache", lambda: build_cache(args))
+    run_section(results, "cache", lambda: build_cache(args))
     if "error" not in results["cache"]:
-        _section(results, "speed", lambda: speed(args))
-        _section(results, "accuracy", lambda: accuracy(args, deadline))
+        run_section(results, "speed", lambda: speed(args))
+        run_section(results, "accuracy", lambda: accuracy(args, deadline))
     (args.out / "gpu_train.json").write_text(json.dumps(results, indent=1, default=str))
     md = markdown(results)
     (args.out / "gpu_train.md").write_text(md)
