@@ -51,7 +51,7 @@ def _curve(world, name: str) -> dict:
     return json.loads(next((world["root"] / name).rglob("curve.json")).read_text())
 
 
-@pytest.mark.parametrize("precision, recorded", [("auto", "fp16"), ("bf16", "bf16")])
+@pytest.mark.parametrize("precision, recorded", [("auto", "float16"), ("bf16", "bfloat16")])
 def test_mixed_precision_fit_on_cuda_trains_like_fp32(world, fp32_on_cuda, precision, recorded):
     mixed = _fit(world, precision, device="cuda", precision=precision).predict(world["feats"], None)["X"]
     curve = _curve(world, precision)
