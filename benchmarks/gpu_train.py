@@ -31,9 +31,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from gpu_extract_speed import run_section  # after the path insert: benchmarks/ is not a package
+# after the path insert: benchmarks/ is not a package
+from gpu_extract_speed import run_section
+from small_cohort import CPU_SIZES
 
-CPU_SIZES = ("dim=128", "neighbor_depth=1", "neighbor_mlp_ratio=1.0", "global_depth=2", "global_mlp_ratio=1.0")
+from genedml.jsonio import write_json, write_text_atomic
+
+BACKBONE = "timm:resnet18"
 FOLDS = ("C2", "C3", "C4", "C5", "C6")
 
 
@@ -41,19 +45,17 @@ def build_cache(args: argparse.Namespace) -> dict[str, Any]:
     from accuracy_her2st import ensure_cache
 
     start = time.perf_counter()
-    cache = ensure_cache(args.data, args.backbone, None, args.work, HERE / "her2st_samples.csv")
-    return {"backbone": args.backbone, "cache": str(cache), "seconds": round(time.perf_counter() - start, 1)}
+    cache = ensure_cache(args.data, BACKBONE, None, args.work, HERE / "her2st_samples.csv")
+    return {"backbone": BACKBONE, "cache": str(cache), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def speed(args: argparse.Namespace) -> dict[str, Any]:
+def speed(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     """Seconds per epoch of one fit at a time, per precision; fixed costs cancel in t(E) − t(1)."""
     from genedml.data import read_samples
     from genedml.fit import FitSettings, fit_model
 
     samples = {s.sample_id: s for s in read_samples(args.data, samples_table=HERE / "her2st_samples.csv")}
-    cache = args.work / f"cache_{args.backbone.replace(':', '_')}"
-    sizes = dict(kv.split("=") for kv in CPU_SIZES) if args.quick else {}
-    sizes = {k: (float(v) if "." in v else int(v)) for k, v in sizes.items()}
+    sizes = CPU_SIZES if args.quick else {}
     long = 2 if args.quick else args.speed_epochs
     table: dict[str, Any] = {"epochs": [1, long], "train": ["C2", "C3", "C4", "C5"], "val": ["C6"], "precisions": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,11 +89,11 @@ def accuracy(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
         for fold in folds:
             out = args.work / "accuracy" / f"{precision}_{fold}"
             cmd = [sys.executable, str(HERE / "accuracy_her2st.py"), "--data", str(args.data), "--work", str(args.work),
-                   "--backbones", args.backbone, "--splits", "loso-C", "--folds", fold, "--smooth", "off",
+                   "--backbones", BACKBONE, "--splits", "loso-C", "--folds", fold, "--smooth", "off",
                    "--models", "genedml", "--ablations", "", "--seeds", str(args.seed), "--retrieve-k", "50",
                    "--head-option", f"precision={precision}", "--head-option", f"device={args.device}", "--out", str(out)]
             if args.quick:
-                cmd += ["--epochs", "2"] + [a for kv in CPU_SIZES for a in ("--head-option", kv)]
+                cmd += ["--epochs", "2"] + [a for k, v in CPU_SIZES.items() for a in ("--head-option", f"{k}={json.dumps(v)}")]
             log = open(args.work / f"accuracy_{precision}_{fold}.log", "w")  # noqa: SIM115 — closed once its process ends
             procs.append((precision, fold, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     runs["command_example"] = " ".join(procs[0][3].args)
@@ -164,13 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="dry run on a CPU: CPU sizes, 2 epochs, 2 folds")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole script; unfinished fits are reported")
     ap.add_argument("--speed-epochs", type=int, default=8)
-    ap.add_argument("--precisions", default="fp32,auto,bf16", help="for the speed part")
+    ap.add_argument("--precisions", default=None, help="for the speed part (default fp32,auto,bf16; fp32,auto with --quick)")
     ap.add_argument("--seed", type=int, default=2021)
     args = ap.parse_args(argv)
     deadline = time.perf_counter() + args.budget
-    if args.quick:
-        args.precisions = "fp32,auto"
-    args.backbone = "timm:resnet18"
+    args.precisions = args.precisions or ("fp32,auto" if args.quick else "fp32,auto,bf16")
     args.work = args.work or Path(tempfile.mkdtemp(prefix="gpu_train_"))
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -180,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                                "command": " ".join([Path(sys.executable).name, *sys.argv]), "weights": "random-init (no pretrained weights)"}
     run_section(results, "cache", lambda: build_cache(args))
     if "error" not in results["cache"]:
-        run_section(results, "speed", lambda: speed(args))
+        run_section(results, "speed", lambda: speed(args, Path(results["cache"]["cache"])))
         run_section(results, "accuracy", lambda: accuracy(args, deadline))
-    (args.out / "gpu_train.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(args.out / "gpu_train.json", results)
     md = markdown(results)
-    (args.out / "gpu_train.md").write_text(md)
+    write_text_atomic(args.out / "gpu_train.md", md)
     print(md, flush=True)
     return 0 if all("error" not in results.get(k, {}) for k in ("cache", "speed", "accuracy")) else 1
 
