@@ -70,7 +70,8 @@ def pick_folds(spec: dict, wanted: str | None) -> list[dict] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from genedml.cv import CVSettings, run_cv
+    from genedml.cv import CVSettings, check_settings, run_cv
+    from genedml.errors import GenedmlError
     from genedml.jsonio import parse_key_values, write_json, write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +102,23 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     head = {"batch_size": args.batch_size, "lr": args.lr, **parse_key_values(args.head_option)}
+    # Every cv setting (and --folds) is checked here, before the first cache is extracted: a bad value must not
+    # wait for minutes of extraction to be refused.
+    plans = {}
+    for smooth in args.smooth.split(","):
+        for split in args.splits.split(","):
+            spec = SPLITS[split]
+            settings = CVSettings(
+                by=spec["by"], models=args.models.split(","), ablations=[a for a in args.ablations.split(",") if a],
+                samples=spec["samples"], test_samples=spec["test_samples"], genes=args.genes, smooth=smooth == "on",
+                epochs=args.epochs, val_fraction=args.val_fraction, seeds=[int(s) for s in args.seeds.split(",")], retrieve_k=args.retrieve_k,
+                blend=args.blend, head=head,
+            )
+            try:
+                check_settings(settings)
+            except GenedmlError as exc:
+                ap.error(str(exc))
+            plans[smooth, split] = settings, pick_folds(spec, args.folds)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "date": started, "machine": machine(), "runs": []}
     md = []
@@ -109,16 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         cache = ensure_cache(args.data, backbone, args.weights, args.work, args.samples_table)
         for smooth in args.smooth.split(","):
             for split in args.splits.split(","):
-                spec = SPLITS[split]
-                settings = CVSettings(
-                    by=spec["by"], models=args.models.split(","), ablations=[a for a in args.ablations.split(",") if a],
-                    samples=spec["samples"], test_samples=spec["test_samples"], genes=args.genes, smooth=smooth == "on",
-                    epochs=args.epochs, val_fraction=args.val_fraction, seeds=[int(s) for s in args.seeds.split(",")], retrieve_k=args.retrieve_k,
-                    blend=args.blend, head=head,
-                )
+                settings, folds = plans[smooth, split]
                 out = args.out / backbone.replace(":", "_") / f"smooth-{smooth}" / split
                 summary = run_cv(args.data, cache, out, settings, read_kwargs={"samples_table": args.samples_table},
-                                 folds=pick_folds(spec, args.folds), resume=args.resume)
+                                 folds=folds, resume=args.resume)
                 results["runs"].append({"backbone": backbone, "smooth": smooth, "split": split, "summary": summary})
                 md.append(f"### {backbone} · smoothing {smooth} · {split}\n\n{summary['markdown']}")
                 print(md[-1], flush=True)

@@ -51,3 +51,17 @@ def test_each_finished_split_is_written_before_the_next_runs(bench, tmp_path, mo
     assert [r["split"] for r in written["runs"]] == ["loso-C"]
     assert "| genedml | 0.300 |" in (tmp_path / "out" / "results.md").read_text()
     assert seen[0]["group_form"] == "cld" and seen[0]["dim"] == 64  # a bare word is a string, as in `genedml fit`
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--val-fraction", "1.5"], "--val-fraction must be in"),
+    (["--folds", "C9"], "none of them is a fold"),
+])
+def test_bad_settings_are_refused_before_any_cache_is_extracted(bench, tmp_path, monkeypatch, capsys, flags, message) -> None:
+    # They were checked only by run_cv, after ensure_cache had spent minutes extracting (hours with a large backbone).
+    monkeypatch.setattr(bench, "ensure_cache", lambda *a, **k: pytest.fail("extraction started before the settings were checked"))
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--backbones", "he-stats", "--splits", "loso-C", "--smooth", "off", "--work", str(tmp_path / "work"),
+                    "--out", str(tmp_path / "out"), *flags])
+    assert message in str(stopped.value) + capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
